@@ -1,0 +1,122 @@
+"""Transformer encoder/decoder layers whose residual wiring is a :mod:`connections` object.
+
+They subclass fairseq's own layers, so submodule names (``self_attn``, ``self_attn_layer_norm``,
+``encoder_attn``, ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``), initialisation and
+state-dict keys are fairseq's; only ``forward`` is ours. With the ``post-ln`` and ``pre-ln`` connections
+they compute exactly what fairseq's layers compute.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+# NormFormer-style extras of fairseq's decoder layer that change the residual path; we do not wire them.
+_UNSUPPORTED_DECODER_EXTRAS = {
+    "attn_ln": "--scale-attn",
+    "c_attn": "--scale-heads",
+    "ffn_layernorm": "--scale-fc",
+    "w_resid": "--scale-resids",
+}
+
+
+class ConnectedEncoderLayer(TransformerEncoderLayerBase):
+    def __init__(self, cfg, connection):
+        super().__init__(cfg)
+        self.connection = connection
+
+    def feed_forward(self, x):
+        x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
+        return self.dropout_module(self.fc2(x))
+
+    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
+        if attn_mask is not None:
+            # same large-negative (not -inf) masking as fairseq, so fully padded rows stay finite
+            attn_mask = attn_mask.masked_fill(attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4)
+
+        def self_attention(h):
+            h, _ = self.self_attn(
+                query=h, key=h, value=h, key_padding_mask=encoder_padding_mask, need_weights=False, attn_mask=attn_mask
+            )
+            return self.dropout_module(h)
+
+        bottom = x
+        x = self.connection.sublayer(x, self_attention, self.self_attn_layer_norm)
+        return self.connection.last_sublayer(x, self.feed_forward, self.final_layer_norm, bottom)
+
+
+class ConnectedDecoderLayer(TransformerDecoderLayerBase):
+    def __init__(self, cfg, connection, no_encoder_attn=False):
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn)
+        for attr, flag in _UNSUPPORTED_DECODER_EXTRAS.items():
+            if getattr(self, attr) is not None:
+                raise ValueError(f"{flag} is not supported by b2t_fairseq layers; drop it")
+        if self.cross_self_attention:
+            raise ValueError("--cross-self-attention is not supported by b2t_fairseq layers; drop it")
+        self.connection = connection
+
+    def feed_forward(self, x):
+        x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
+        return self.dropout_module(self.fc2(x))
+
+    @staticmethod
+    def _restore_attn_state(attn, state: List[Tensor], incremental_state):
+        saved: Dict[str, Optional[Tensor]] = {"prev_key": state[0], "prev_value": state[1]}
+        if len(state) >= 3:
+            saved["prev_key_padding_mask"] = state[2]
+        assert incremental_state is not None
+        attn._set_input_buffer(incremental_state, saved)
+
+    def forward(
+        self,
+        x,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        prev_self_attn_state: Optional[List[Tensor]] = None,
+        prev_attn_state: Optional[List[Tensor]] = None,
+        self_attn_mask: Optional[Tensor] = None,
+        self_attn_padding_mask: Optional[Tensor] = None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ):
+        need_attn = need_attn or need_head_weights
+        if prev_self_attn_state is not None:
+            self._restore_attn_state(self.self_attn, prev_self_attn_state, incremental_state)
+        if prev_attn_state is not None and self.encoder_attn is not None:
+            self._restore_attn_state(self.encoder_attn, prev_attn_state, incremental_state)
+        attn = None
+
+        def self_attention(h):
+            h, _ = self.self_attn(
+                query=h,
+                key=h,
+                value=h,
+                key_padding_mask=self_attn_padding_mask,
+                incremental_state=incremental_state,
+                need_weights=False,
+                attn_mask=self_attn_mask,
+            )
+            return self.dropout_module(h)
+
+        def cross_attention(h):
+            nonlocal attn
+            h, attn = self.encoder_attn(
+                query=h,
+                key=encoder_out,
+                value=encoder_out,
+                key_padding_mask=encoder_padding_mask,
+                incremental_state=incremental_state,
+                static_kv=True,
+                need_weights=need_attn or (not self.training and self.need_attn),
+                need_head_weights=need_head_weights,
+            )
+            return self.dropout_module(h)
+
+        bottom = x
+        x = self.connection.sublayer(x, self_attention, self.self_attn_layer_norm)
+        if self.encoder_attn is not None and encoder_out is not None:
+            x = self.connection.sublayer(x, cross_attention, self.encoder_attn_layer_norm)
+        x = self.connection.last_sublayer(x, self.feed_forward, self.final_layer_norm, bottom)
+        return x, attn, None

@@ -1,0 +1,125 @@
+"""Command-line options of the b2t_fairseq models, and the one place where they are checked.
+
+The options are a fairseq dataclass, so ``fairseq-train --help`` lists them, the language model's config
+inherits them, and they are saved in every checkpoint like fairseq's own model options.
+"""
+import argparse
+from dataclasses import dataclass, field
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.utils import safe_getattr
+from omegaconf import OmegaConf
+
+from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.modules.connections import CONNECTIONS, get_connection
+
+# NormFormer options of fairseq's layers that rewire the residual path in ways our layers do not.
+_UNSUPPORTED = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
+
+
+@dataclass
+class B2TOptions(FairseqDataclass):
+    connection: ChoiceEnum(list(CONNECTIONS)) = field(
+        default="b2t",
+        metadata={
+            "help": "residual wiring of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
+            "post-ln (fairseq's --arch transformer) or pre-ln (fairseq's --*-normalize-before)"
+        },
+    )
+    residual_bottom_to_top: bool = field(
+        default=False, metadata={"help": "the authors' spelling of --connection b2t (accepted for their commands)"}
+    )
+    init_scaling: ChoiceEnum(["auto", "depth", "none"]) = field(
+        default="auto",
+        metadata={
+            "help": "depth: multiply every non-LN weight matrix of each layer by N^-1/2 after fairseq's init "
+            "(N = layers in that stack), as the authors' current code does; none: fairseq's init unchanged; "
+            "auto: depth for b2t, none otherwise"
+        },
+    )
+    sampling_method: ChoiceEnum(["none", "worddrop"]) = field(
+        default="none",
+        metadata={"help": "worddrop: zero input token embeddings at random while training (Takase & Kiyono 2021)"},
+    )
+    enc_replace_rate: float = field(
+        default=0.0, metadata={"help": "encoder word-dropout probability, in [0, 1); needs --sampling-method worddrop"}
+    )
+    dec_replace_rate: float = field(
+        default=0.0, metadata={"help": "decoder word-dropout probability, in [0, 1); needs --sampling-method worddrop"}
+    )
+    decay_val: float = field(
+        default=0.0, metadata={"help": "accepted for the authors' command lines; worddrop does not use it"}
+    )
+
+
+def add_b2t_args(parser):
+    # no defaults on the parser, so architecture presets can still choose them (fairseq's convention)
+    gen_parser_from_dataclass(parser, B2TOptions(), delete_default=True, with_prefix="")
+
+
+def as_namespace(args):
+    """fairseq hands models a DictConfig when it loads a checkpoint; our code wants the CLI's Namespace."""
+    if OmegaConf.is_config(args):
+        return argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
+    return args
+
+
+def resolve_options(args, stacks=("encoder", "decoder")):
+    """Fill in our defaults on ``args`` and reject combinations that make no sense. Idempotent.
+
+    Runs inside every architecture function, i.e. before fairseq fills its own defaults, so we can tell
+    a user's explicit ``--encoder-normalize-before`` from fairseq's default.
+    """
+    connection = safe_getattr(args, "connection", None) or "b2t"
+    if connection not in CONNECTIONS:
+        raise B2TConfigError(f"unknown --connection {connection!r}; choose one of {', '.join(CONNECTIONS)}")
+    if safe_getattr(args, "residual_bottom_to_top", False) and connection != "b2t":
+        raise B2TConfigError(
+            f"--residual-bottom-to-top means --connection b2t, but --connection {connection} was given; drop one"
+        )
+    conn = get_connection(connection)
+    for stack in stacks:
+        flag = f"{stack}_normalize_before"
+        if conn.normalize_before:
+            setattr(args, flag, True)
+        elif safe_getattr(args, flag, False):
+            raise B2TConfigError(
+                f"--{flag.replace('_', '-')} makes a Pre-LN layer, which contradicts --connection {connection}; "
+                "drop it, or use --connection pre-ln"
+            )
+    for name in _UNSUPPORTED:
+        if safe_getattr(args, name, False):
+            raise B2TConfigError(f"--{name.replace('_', '-')} is not supported by b2t_fairseq models; drop it")
+
+    init_scaling = safe_getattr(args, "init_scaling", None) or "auto"
+    if init_scaling == "auto":
+        init_scaling = conn.default_init_scaling
+    if init_scaling not in ("depth", "none"):
+        raise B2TConfigError(f"unknown --init-scaling {init_scaling!r}; choose depth, none or auto")
+
+    sampling_method = safe_getattr(args, "sampling_method", None) or "none"
+    rates = {}
+    for name in ("enc_replace_rate", "dec_replace_rate"):
+        rate = float(safe_getattr(args, name, None) or 0.0)
+        if not 0.0 <= rate < 1.0:
+            raise B2TConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {rate}")
+        if rate > 0 and sampling_method != "worddrop":
+            raise B2TConfigError(f"--{name.replace('_', '-')} {rate} has no effect; add --sampling-method worddrop")
+        rates[name] = rate
+
+    args.connection = connection
+    args.residual_bottom_to_top = bool(safe_getattr(args, "residual_bottom_to_top", False))
+    args.init_scaling = init_scaling
+    args.sampling_method = sampling_method
+    args.enc_replace_rate = rates["enc_replace_rate"]
+    args.dec_replace_rate = rates["dec_replace_rate"]
+    args.decay_val = float(safe_getattr(args, "decay_val", None) or 0.0)
+    return args
+
+
+def word_dropout_rate(cfg, side):
+    """The word-dropout probability a built encoder ('enc') or decoder ('dec') should use."""
+    if safe_getattr(cfg, "sampling_method", "none") != "worddrop":
+        return 0.0
+    return float(safe_getattr(cfg, f"{side}_replace_rate", 0.0))
