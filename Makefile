@@ -1,0 +1,51 @@
+# The two commands of the README:
+#   make demo    set everything up, then run the main job on the embedded default (a generated toy corpus)
+#   make test    set everything up, then run the whole test suite (what .ci/run runs)
+# Set-up goes into .venv/ at the repo root and is reused once complete.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned because fairseq's compiled extensions link against the torch they were built with,
+# and because an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on this machine's disk.
+TORCH  := torch==2.13.0
+# fairseq 0.12 with packaging fixes for Python >= 3.11. Installed without its dependencies because it
+# requires torchaudio, which fairseq's text code never imports and which does not load beside a CPU torch.
+FAIRSEQ := fairseq-fixed==0.12.3.1
+# fairseq's remaining dependencies, then ours (setup.py), then test/plot tools.
+DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
+          'sacrebleu>=2.0' sentencepiece sacremoses matplotlib pytest
+
+DATA ?=
+SRC  ?=
+TGT  ?=
+WORK ?= $(if $(DATA),demo-out/real,demo-out/toy)
+DEMO_CONFIG := $(if $(DATA),configs/demo/real.yaml,configs/demo/toy.yaml)
+PKG_SOURCES := setup.py $(shell find b2t_fairseq -name '*.py')
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.b2t-package
+
+$(VENV)/.b2t-deps:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH) numpy cython
+	$(BIN)/pip install --no-build-isolation --no-deps $(FAIRSEQ)
+	$(BIN)/pip install $(DEPS)
+	touch $@
+
+# A regular (non-editable) install, so that `--user-dir b2t_fairseq` resolves from any working directory
+# (fairseq also looks for the user dir next to its own package). Reinstalled whenever a source changes.
+$(VENV)/.b2t-package: $(VENV)/.b2t-deps $(PKG_SOURCES) README.md
+	$(BIN)/pip install --no-deps --no-build-isolation --quiet .
+	touch $@
+
+demo: setup
+	$(BIN)/b2t-pipeline --config $(DEMO_CONFIG) --work-dir $(WORK) \
+		$(if $(DATA),--data $(DATA)) $(if $(SRC),--src $(SRC)) $(if $(TGT),--tgt $(TGT))
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf demo-out build *.egg-info

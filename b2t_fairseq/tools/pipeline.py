@@ -1,0 +1,232 @@
+"""Raw parallel text -> binarized data -> fairseq-train -> checkpoint averaging -> fairseq-generate -> SacreBLEU.
+
+    b2t-pipeline --config configs/demo/toy.yaml --work-dir demo-out                 # generated toy corpus
+    b2t-pipeline --config configs/demo/real.yaml --work-dir out --data DIR_OR_PREFIX # real raw text + sentencepiece
+    b2t-pipeline ... -- --connection pre-ln                                          # extra fairseq-train flags
+
+Every stage runs fairseq's (or our) console entry points as subprocesses, exactly as a user would. Stages
+whose output exists are skipped, and fairseq-train resumes from checkpoint_last.pt, so rerunning the same
+command after an interruption continues where it stopped instead of starting over.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "valid", "test")
+
+
+class PipelineError(Exception):
+    pass
+
+
+def as_flags(options):
+    """{"max-epoch": 3, "cpu": True, "fp16": False} -> ["--max-epoch", "3", "--cpu"]"""
+    flags = []
+    for key, value in options.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not False and value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def find_corpus(data, src=None, tgt=None):
+    """Files ``{data}{split}.{lang}``; ``data`` is a directory or a path prefix such as ``corpus/news-``."""
+    prefix = str(data) + ("/" if Path(data).is_dir() and not str(data).endswith("/") else "")
+    train_base = Path(prefix + "train")
+    langs = sorted(p.suffix[1:] for p in train_base.parent.glob(train_base.name + ".*"))
+    if src is None and tgt is None:
+        raise PipelineError(
+            f"say which way to translate: pass --src and --tgt (make: SRC=.. TGT=..); found {prefix}train.* "
+            f"for: {', '.join(langs) or 'nothing'}"
+        )
+    if src is None or tgt is None:
+        others = [lang for lang in langs if lang not in (src, tgt)]
+        if len(others) != 1:
+            raise PipelineError(f"cannot infer the other language from {prefix}train.* ({', '.join(langs)}); pass both")
+        src, tgt = src or others[0], tgt or others[0]
+    missing = [f"{prefix}{s}.{l}" for s in SPLITS for l in (src, tgt) if not Path(f"{prefix}{s}.{l}").is_file()]
+    if missing:
+        raise PipelineError(f"missing corpus files: {', '.join(missing)} (need train, valid and test for both sides)")
+    return prefix, src, tgt
+
+
+def _run(cmd, log=None):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    if log is None:
+        result = subprocess.run(list(map(str, cmd)))
+    else:
+        with open(log, "w") as out:
+            result = subprocess.run(list(map(str, cmd)), stdout=out)
+    if result.returncode != 0:
+        raise PipelineError(f"{cmd[2] if cmd[1] == '-m' else cmd[0]} failed with exit code {result.returncode}")
+
+
+def _python_m(module, *args):
+    return [sys.executable, "-m", module, *args]
+
+
+def prepare_toy(work, spec):
+    from b2t_fairseq import toy_data
+
+    raw = work / "raw"
+    if not (raw / "test.tgt").is_file():
+        toy_data.write_corpus(raw, n_train=spec["train"], n_valid=spec["valid"], n_test=spec["test"], seed=spec["seed"])
+    return f"{raw}/", "src", "tgt", raw / "test.tgt"
+
+
+def prepare_sentencepiece(work, prefix, src, tgt, spec):
+    """Learn one sentencepiece model on both sides of train, and encode every split with it."""
+    import sentencepiece as spm
+
+    out = work / "spm"
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "spm.model"
+    if not model.is_file():
+        spm.SentencePieceTrainer.train(
+            input=f"{prefix}train.{src},{prefix}train.{tgt}",
+            model_prefix=str(out / "spm"),
+            vocab_size=spec.get("vocab_size", 8000),
+            model_type=spec.get("model_type", "unigram"),
+            character_coverage=spec.get("character_coverage", 1.0),
+            hard_vocab_limit=False,  # small corpora cannot always fill the requested vocabulary
+            bos_id=-1,
+            eos_id=-1,
+            minloglevel=2,
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for split in SPLITS:
+        for lang in (src, tgt):
+            target = out / f"{split}.{lang}"
+            if target.is_file():
+                continue
+            with open(f"{prefix}{split}.{lang}", encoding="utf-8") as f, open(target, "w", encoding="utf-8") as g:
+                for line in f:
+                    g.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
+    return f"{out}/", src, tgt
+
+
+def preprocess(work, prefix, src, tgt):
+    data_bin = work / "data-bin"
+    if (data_bin / "preprocess.log").is_file() and (data_bin / f"test.{src}-{tgt}.{tgt}.bin").is_file():
+        return data_bin
+    _run(
+        _python_m(
+            "fairseq_cli.preprocess",
+            "--source-lang", src, "--target-lang", tgt,
+            "--trainpref", f"{prefix}train", "--validpref", f"{prefix}valid", "--testpref", f"{prefix}test",
+            "--destdir", data_bin, "--joined-dictionary", "--workers", str(min(2, os.cpu_count() or 1)),
+        )  # fmt: skip
+    )
+    return data_bin
+
+
+def train(work, data_bin, options, extra):
+    save_dir = work / "checkpoints"
+    _run(
+        _python_m(
+            "fairseq_cli.train", data_bin, "--user-dir", PLUGIN_DIR, "--save-dir", save_dir,
+            "--log-file", work / "train.log", *as_flags(options), *extra,
+        )  # fmt: skip
+    )
+    return save_dir
+
+
+def average(save_dir, last):
+    epochs = sorted(save_dir.glob("checkpoint[0-9]*.pt"))
+    n = min(last, len(epochs))
+    if n == 0:
+        raise PipelineError(f"no epoch checkpoints in {save_dir}; did training save any?")
+    output = save_dir / f"averaged_last{n}.pt"
+    _run(
+        _python_m(
+            "b2t_fairseq.tools.average_checkpoints",
+            "--inputs", save_dir, "--num-epoch-checkpoints", n, "--output", output,
+        )  # fmt: skip
+    )
+    return output
+
+
+def generate(work, data_bin, checkpoint, options):
+    output = work / "generate-test.txt"
+    _run(
+        _python_m(
+            "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint,
+            "--gen-subset", "test", "--cpu", *as_flags(options),
+        ),  # fmt: skip
+        log=output,
+    )
+    return output
+
+
+def score(work, generate_output, reference, remove_bpe):
+    result = work / "result.json"
+    _run(
+        _python_m(
+            "b2t_fairseq.tools.score", "--generate-output", generate_output, "--ref", reference,
+            "--remove-bpe", remove_bpe, "--output-hyp", work / "hyp.detok.txt", "--json", result,
+        )  # fmt: skip
+    )
+    return json.loads(result.read_text())
+
+
+def run_pipeline(config, work, data=None, src=None, tgt=None, extra=()):
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = config["corpus"]
+    if data is None:
+        if "toy" not in corpus:
+            raise PipelineError("this config has no 'corpus: toy:' section; pass --data with a real corpus")
+        prefix, src, tgt, reference = prepare_toy(work, corpus["toy"])
+        remove_bpe = "none"
+    else:
+        raw_prefix, src, tgt = find_corpus(data, src, tgt)
+        if "sentencepiece" not in corpus:
+            raise PipelineError("--data needs a config with a 'corpus: sentencepiece:' section (configs/demo/real.yaml)")
+        prefix, src, tgt = prepare_sentencepiece(work, raw_prefix, src, tgt, corpus["sentencepiece"])
+        reference, remove_bpe = f"{raw_prefix}test.{tgt}", "sentencepiece"
+    data_bin = preprocess(work, prefix, src, tgt)
+    save_dir = train(work, data_bin, config["train"], list(extra))
+    checkpoint = average(save_dir, config.get("average_last_epochs", 5))
+    generate_output = generate(work, data_bin, checkpoint, config.get("generate", {}))
+    result = score(work, generate_output, reference, remove_bpe)
+    result.update(checkpoint=str(checkpoint), src=src, tgt=tgt)
+    (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def cli_main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="b2t-pipeline", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML file under configs/ (hyperparameters)")
+    parser.add_argument("--work-dir", required=True, type=Path, help="where data, checkpoints and results go")
+    parser.add_argument("--data", help="real corpus: directory or prefix P with P{train,valid,test}.{src,tgt}")
+    parser.add_argument("--src", help="source language suffix (default: detected from P train.*)")
+    parser.add_argument("--tgt", help="target language suffix")
+    parser.epilog = "Anything after `--` is passed to fairseq-train and overrides the config."
+    args = parser.parse_args(argv)
+    if not args.config.is_file():
+        parser.error(f"config {args.config} does not exist")
+    try:
+        result = run_pipeline(
+            yaml.safe_load(args.config.read_text()), args.work_dir, args.data, args.src, args.tgt, extra
+        )
+    except PipelineError as e:
+        parser.exit(1, f"b2t-pipeline: error: {e}\n")
+    print(f"\n{args.work_dir}: BLEU {result['bleu']:.2f} on {result['n']} test sentences ({result['signature']})")
+    return result
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,140 @@
+"""fairseq's real entry points with the plugin: any working directory, no env vars, resume, DDP, bad input."""
+import json
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, cli_env, run
+
+
+def epoch_losses(log_text):
+    """Per-epoch train loss from a fairseq --log-format json log."""
+    losses = {}
+    for line in log_text.splitlines():
+        if "| train |" in line:
+            stats = json.loads(line.split("| train |", 1)[1])
+            losses[int(stats["epoch"])] = float(stats["train_loss"])
+    return losses
+
+
+def test_train_and_generate_from_another_directory_without_env_vars(toy_corpus, tmp_path):
+    # bare "b2t_fairseq": fairseq must find the installed plugin, not a copy in the working directory
+    run(
+        "fairseq-train", toy_corpus["data_bin"], "--user-dir", "b2t_fairseq", "--arch", "transformer_b2t",
+        *TINY_MODEL, *TINY_OPTIM, "--max-update", 10, "--save-dir", "ckpt", cwd=tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
+    gen = run(
+        "fairseq-generate", toy_corpus["data_bin"], "--user-dir", "b2t_fairseq", "--path", "ckpt/checkpoint_last.pt",
+        "--gen-subset", "valid", "--beam", 4, "--batch-size", 50, "--cpu", cwd=tmp_path,
+    )  # fmt: skip
+    hyps = [line for line in gen.stdout.splitlines() if line.startswith("H-")]
+    assert len(hyps) == 100
+    assert "Weights only load failed" not in gen.stderr
+
+
+def _train_until_killed(cmd_args, log_file, cwd, kill_after_epoch):
+    proc = subprocess.Popen([str(BIN / "fairseq-train"), *map(str, cmd_args)], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=cli_env())  # fmt: skip
+    deadline = time.time() + 300
+    marker = f"(epoch {kill_after_epoch} @"
+    while time.time() < deadline and proc.poll() is None:
+        if log_file.is_file() and any("Saved checkpoint" in l and marker in l for l in log_file.read_text().splitlines()):
+            proc.send_signal(signal.SIGKILL)  # a crash: no chance to clean up or save
+            proc.wait()
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"training never reached epoch {kill_after_epoch} (exit code {proc.poll()})")
+
+
+def test_killed_training_resumes_from_checkpoint_last(toy_corpus, tmp_path):
+    common = ["--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM, "--max-epoch", 5]
+    ref = run("fairseq-train", toy_corpus["data_bin"], *common, "--save-dir", tmp_path / "ref")
+    expected = epoch_losses(ref.stdout)
+    assert sorted(expected) == [1, 2, 3, 4, 5]
+
+    log = tmp_path / "crash.log"
+    args = [toy_corpus["data_bin"], *common, "--save-dir", tmp_path / "crash", "--log-file", log]
+    _train_until_killed(args, log, tmp_path, kill_after_epoch=2)
+    resumed = run("fairseq-train", *args)
+    assert "Loaded checkpoint" in resumed.stdout
+    got = epoch_losses(resumed.stdout)
+    assert min(got) >= 3, "resumed run redid epochs that were already saved"
+    assert max(got) == 5
+    for epoch in got:
+        assert got[epoch] == pytest.approx(expected[epoch], abs=2e-3), f"epoch {epoch} diverged after resume"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path):
+    common = [
+        toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
+        "--max-epoch", 3, "--dropout", 0, "--no-save", "--ddp-backend", "legacy_ddp",
+    ]  # fmt: skip
+    single = epoch_losses(run("fairseq-train", *common, "--update-freq", 2).stdout)
+
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "fairseq-train"), *map(str, common), "--distributed-backend", "gloo",
+             "--distributed-world-size", "2", "--distributed-rank", str(rank),
+             "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli_env(),
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    distributed = epoch_losses(outs[0][0])
+    assert "distributed init (rank 1)" in outs[1][1] + outs[1][0]
+    assert sorted(distributed) == sorted(single) == [1, 2, 3]
+    for epoch in single:
+        assert distributed[epoch] == pytest.approx(single[epoch], abs=1e-3)
+
+
+# One CLI run per kind of failure (parse time, preset, argparse); every message is covered in test_options.py.
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--encoder-normalize-before"], "use --connection pre-ln"),
+        (["--dec-replace-rate", "0.1"], "add --sampling-method worddrop"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(toy_corpus, tmp_path, flags, message):
+    proc = run(
+        "fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t",
+        *TINY_MODEL, *TINY_OPTIM, "--max-update", 1, "--no-save", *flags, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_deep_preset_rejects_contradicting_depth(toy_corpus, tmp_path):
+    proc = run(
+        "fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t_wmt_en_de_18l",
+        "--encoder-layers", 6, "--max-update", 1, "--no-save", "--cpu", check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "has 18 encoder layers, but --encoder-layers 6 was given" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_connection_is_an_argparse_error(toy_corpus, tmp_path):
+    proc = run(
+        "fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t",
+        "--connection", "deepnorm", "--cpu", check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'deepnorm'" in proc.stderr
