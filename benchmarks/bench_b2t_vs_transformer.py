@@ -53,6 +53,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 BASELINE = "transformer"
+QUIET = 0.10  # a round is "quiet" when other processes used < 10% of the machine's CPU time during it
 MiB = 2**20
 
 
@@ -412,6 +413,30 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def machine_busy_s():
+    """Non-idle CPU seconds of the whole machine so far (all CPUs, steal included), from /proc/stat; or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def other_cpu_share(wall, own_cpu, busy_before, busy_after):
+    """Fraction of the machine's CPU capacity that other processes (or the hypervisor: steal) used during an
+    interval of ``wall`` seconds in which this process used ``own_cpu`` CPU seconds."""
+    if busy_before is None or busy_after is None or wall <= 0:
+        return None
+    share = (busy_after - busy_before - own_cpu) / (wall * (os.cpu_count() or 1))
+    return round(min(max(share, 0.0), 1.0), 3)
+
+
+def fmt_share(x):
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def load_average():
     try:
         return os.getloadavg()[0]
@@ -420,7 +445,7 @@ def load_average():
 
 
 def run(cli):
-    t_start, cpu_start, load_start = time.perf_counter(), time.process_time(), load_average()
+    t_start, cpu_start, load_start, busy_start = time.perf_counter(), time.process_time(), load_average(), machine_busy_s()
     torch.set_num_threads(cli.threads or usable_cores())
     device = torch.device(cli.device)
 
@@ -456,35 +481,51 @@ def run(cli):
         memory[b.name] = {"peak_bytes": nbytes, "method": method, **details}
         log(f"  peak training memory {b.name}: {nbytes / MiB:.1f} MiB")
 
-    # training: alternating rounds
-    train_rates = {b.name: [] for b in benches}
-    step = 0
-    for r in range(cli.repeats):
-        for b in benches:
-            sync(device)
-            t0 = time.perf_counter()
-            for k in range(cli.steps_per_repeat):
-                b.train_step(train_batches[(step + k) % len(train_batches)])
-            sync(device)
-            train_rates[b.name].append(cli.steps_per_repeat * tgt_tokens / (time.perf_counter() - t0))
-        step += cli.steps_per_repeat
-        log(f"  train round {r + 1}/{cli.repeats}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in train_rates.items()))
+    def alternate(kind, work, units, fmt):
+        """Alternating rounds: every round times ``work(bench, round)`` once per model, in a fixed order.
+        Also records, per timing, the share of the machine's CPU time that OTHER processes used (see
+        other_cpu_share): with OpenMP threads, even a little contention can slow a step down several times."""
+        rates, other = {b.name: [] for b in benches}, {b.name: [] for b in benches}
+        for r in range(cli.repeats):
+            for b in benches:
+                sync(device)
+                t0, c0, m0 = time.perf_counter(), time.process_time(), machine_busy_s()
+                work(b, r)
+                sync(device)
+                wall = time.perf_counter() - t0
+                rates[b.name].append(units / wall)
+                other[b.name].append(other_cpu_share(wall, time.process_time() - c0, m0, machine_busy_s()))
+            log(
+                f"  {kind} round {r + 1}/{cli.repeats}: "
+                + ", ".join(f"{n} {rates[n][-1]:{fmt}} (others' CPU {fmt_share(other[n][-1])})" for n in rates)
+            )
+        return rates, other
 
-    # generation: warm-up, then alternating rounds
-    for b in benches:
+    def train_work(b, r):
+        for k in range(cli.steps_per_repeat):
+            b.train_step(train_batches[(r * cli.steps_per_repeat + k) % len(train_batches)])
+
+    def gen_work(b, r):
+        for k in range(cli.gen_batches_per_repeat):
+            b.generate(gen_batches[(r * cli.gen_batches_per_repeat + k) % len(gen_batches)], cli)
+
+    train_rates, train_cpu = alternate("train", train_work, cli.steps_per_repeat * tgt_tokens, ".0f")
+    for b in benches:  # generation warm-up
         b.optimizer.zero_grad(set_to_none=True)
         for i in range(cli.warmup):
             b.generate(gen_batches[i % len(gen_batches)], cli)
-    gen_rates = {b.name: [] for b in benches}
-    for r in range(cli.repeats):
-        for b in benches:
-            sync(device)
-            t0 = time.perf_counter()
-            for k in range(cli.gen_batches_per_repeat):
-                b.generate(gen_batches[(r * cli.gen_batches_per_repeat + k) % len(gen_batches)], cli)
-            sync(device)
-            gen_rates[b.name].append(cli.gen_batches_per_repeat * cli.gen_batch / (time.perf_counter() - t0))
-        log(f"  gen round {r + 1}/{cli.repeats}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in gen_rates.items()))
+    gen_rates, gen_cpu = alternate("gen", gen_work, cli.gen_batches_per_repeat * cli.gen_batch, ".2f")
+
+    def clean_rounds(other):
+        """Rounds in which other processes used < QUIET of the machine's CPU time while each model ran."""
+        if any(x is None for v in other.values() for x in v):
+            return None  # no /proc/stat
+        return [r for r in range(cli.repeats) if all(other[n][r] < QUIET for n in other)]
+
+    clean = {"train": clean_rounds(train_cpu), "gen": clean_rounds(gen_cpu)}
+
+    def ratios(rates, rounds, name):
+        return [rates[name][r] / rates[BASELINE][r] for r in rounds]
 
     base_mem = memory[BASELINE]["peak_bytes"]
     results = []
@@ -501,6 +542,12 @@ def run(cli):
                 "peak_train_memory_ratio": memory[b.name]["peak_bytes"] / base_mem,
                 "gen_sentences_per_s": summary(gen_rates[b.name]),
                 "gen_ratio_per_round": summary([x / y for x, y in zip(gen_rates[b.name], gen_rates[BASELINE])]),
+                "train_ratio_clean_rounds": summary(ratios(train_rates, clean["train"], b.name))
+                if clean["train"]
+                else None,
+                "gen_ratio_clean_rounds": summary(ratios(gen_rates, clean["gen"], b.name)) if clean["gen"] else None,
+                "train_others_cpu_share_per_round": train_cpu[b.name],
+                "gen_others_cpu_share_per_round": gen_cpu[b.name],
             }
         )
     config = {k: v for k, v in vars(cli).items() if k not in ("json", "results", "no_record")}
@@ -510,7 +557,8 @@ def run(cli):
     # contention indicators: other processes on the machine inflate the spread of the rounds
     env["load_average_1min"] = [round(load_start, 2), round(load_average(), 2)]
     env["process_cpu_per_wall"] = round((time.process_time() - cpu_start) / runtime, 2)
-    return {"environment": env, "config": config, "results": results, "runtime_s": runtime}
+    env["others_cpu_share"] = other_cpu_share(runtime, time.process_time() - cpu_start, busy_start, machine_busy_s())
+    return {"environment": env, "config": config, "results": results, "runtime_s": runtime, "clean_rounds": clean}
 
 
 def markdown_table(report):
@@ -541,6 +589,22 @@ def markdown_table(report):
         f"generation: beam {cfg['beam']}, batches of {cfg['gen_batch']} sources of length {cfg['gen_src_len']}, "
         f"forced to exactly {cfg['gen_len']} tokens + EOS, {cfg['repeats']} rounds of {cfg['gen_batches_per_repeat']} batches."
     )
+    notes = []
+    clean = report.get("clean_rounds") or {}
+    for phase, key, label in (("train", "train_ratio_clean_rounds", "training"), ("gen", "gen_ratio_clean_rounds", "generation")):
+        if clean.get(phase) is None:
+            continue
+        parts = []
+        for r in report["results"]:
+            if r["model"] != BASELINE and r[key]:
+                c = r[key]
+                parts.append(f"{r['model']} {c['median']:.3f} [{c['min']:.3f}–{c['max']:.3f}]")
+        notes.append(
+            f"{label}: {len(clean[phase])}/{cfg['repeats']} rounds quiet (other processes < {QUIET:.0%} of the "
+            f"machine's CPU for every model)" + (f"; ×transformer over those: {', '.join(parts)}" if parts else "")
+        )
+    if notes:
+        setup += "\nContention check: " + "; ".join(notes) + "."
     return head + "\n" + "\n".join(rows) + "\n\n" + setup + "\n"
 
 
@@ -576,7 +640,8 @@ def record(report, path):
         f"- command: `{env['command']}`",
         f"- runtime: {report['runtime_s']:.0f} s; 1-min load average at start/end "
         f"{env['load_average_1min'][0]}/{env['load_average_1min'][1]} on {usable_cores()} cores; "
-        f"this process used {env['process_cpu_per_wall']} CPU-s per wall-s",
+        f"this process used {env['process_cpu_per_wall']} CPU-s per wall-s, other processes "
+        f"{fmt_share(env['others_cpu_share'])} of the machine's CPU time",
         "",
         markdown_table(report),
     ]

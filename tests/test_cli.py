@@ -29,7 +29,8 @@ def test_train_and_generate_from_another_directory_without_env_vars(toy_corpus, 
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
     gen = run(
         "fairseq-generate", toy_corpus["data_bin"], "--user-dir", "b2t_fairseq", "--path", "ckpt/checkpoint_last.pt",
-        "--gen-subset", "valid", "--beam", 4, "--batch-size", 50, "--cpu", cwd=tmp_path,
+        "--gen-subset", "valid", "--beam", 4, "--batch-size", 50, "--required-batch-size-multiple", 1, "--cpu",
+        cwd=tmp_path,
     )  # fmt: skip
     hyps = [line for line in gen.stdout.splitlines() if line.startswith("H-")]
     assert len(hyps) == 100

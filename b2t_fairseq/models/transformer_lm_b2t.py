@@ -1,7 +1,9 @@
 """``transformer_lm_b2t``: fairseq's decoder-only language model with a selectable residual connection.
 
 B2T in a decoder-only layer: y = LN2(x + h1 + FFN(h1)), h1 = LN1(x + SelfAttn(x)).
-Note that fairseq's own ``transformer_lm`` is always Pre-LN; ``--connection pre-ln`` reproduces it.
+In fairseq 0.12 ``--arch transformer_lm`` itself is Post-LN (its dataclass default) while the named presets
+(``transformer_lm_big``, ``_wiki103``, ...) force Pre-LN; here ``--connection`` decides for every preset, so
+``post-ln`` reproduces ``transformer_lm`` and ``pre-ln`` reproduces it with ``--decoder-normalize-before``.
 """
 from dataclasses import dataclass
 

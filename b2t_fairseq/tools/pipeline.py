@@ -132,7 +132,7 @@ def train(work, data_bin, options, extra):
     _run(
         _python_m(
             "fairseq_cli.train", data_bin, "--user-dir", PLUGIN_DIR, "--save-dir", save_dir,
-            "--log-file", work / "train.log", *as_flags(options), *extra,
+            *as_flags(options), *extra,
         )  # fmt: skip
     )
     return save_dir
@@ -225,7 +225,6 @@ def cli_main(argv=None):
     except PipelineError as e:
         parser.exit(1, f"b2t-pipeline: error: {e}\n")
     print(f"\n{args.work_dir}: BLEU {result['bleu']:.2f} on {result['n']} test sentences ({result['signature']})")
-    return result
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def postprocess(text, remove_bpe="none", detok_lang=None):
 def score(hyps, refs, tokenize="13a", lowercase=False):
     if len(hyps) != len(refs):
         raise B2TConfigError(
-            f"{len(hyps)} hypotheses but {len(refs)} references; the generate output may be incomplete "
-            "(interrupted run, or a different --gen-subset than the references)"
+            f"{len(hyps)} hypotheses but {len(refs)} references; the generate output may be incomplete (interrupted "
+            "run, another --gen-subset, or fairseq-generate dropping a last batch that is not a multiple of "
+            "--required-batch-size-multiple: pass --required-batch-size-multiple 1)"
         )
     if not hyps:
         raise B2TConfigError("nothing to score: no hypotheses and no references")

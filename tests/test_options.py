@@ -1,0 +1,250 @@
+"""Command-line options of the plugin: every bad input is refused with a message that names the fix."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO / "b2t_fairseq"
+if str(REPO) not in sys.path:  # test the working tree, not a copy installed in site-packages
+    sys.path.insert(0, str(REPO))
+
+from fairseq import options, tasks  # noqa: E402
+from fairseq.data import Dictionary  # noqa: E402
+
+import b2t_fairseq  # noqa: E402,F401  (registers the models)
+from b2t_fairseq.errors import B2TConfigError  # noqa: E402
+
+TINY = (
+    "--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
+    "--encoder-attention-heads 2 --decoder-attention-heads 2"
+).split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dicts")
+    dictionary = Dictionary()
+    for i in range(30):
+        dictionary.add_symbol(f"w{i}")
+    for name in ("dict.src.txt", "dict.tgt.txt", "dict.txt"):
+        dictionary.save(str(d / name))
+    return d
+
+
+def parse(data_dir, *argv, task="translation"):
+    parser = options.get_training_parser()
+    base = [str(data_dir), "--task", task, "--user-dir", str(PLUGIN_DIR)]
+    if task == "translation":
+        base += ["-s", "src", "-t", "tgt"]
+    return options.parse_args_and_arch(parser, base + [str(a) for a in argv])
+
+
+def build(data_dir, *argv, task="translation"):
+    args = parse(data_dir, *argv, task=task)
+    torch.manual_seed(0)
+    return tasks.setup_task(args).build_model(args)
+
+
+def refused(data_dir, *argv, match, task="translation"):
+    with pytest.raises(B2TConfigError, match=match) as info:
+        parse(data_dir, *argv, task=task)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("flag", ["--encoder-normalize-before", "--decoder-normalize-before"])
+@pytest.mark.parametrize("connection", ["b2t", "post-ln"])
+def test_normalize_before_contradicts_post_ln_family(data_dir, connection, flag):
+    msg = refused(data_dir, "--arch", "transformer_b2t", "--connection", connection, flag, match=flag)
+    assert "--connection pre-ln" in msg and "drop it" in msg
+
+
+@pytest.mark.parametrize("connection", ["b2t", "post-ln"])
+def test_normalize_before_refused_by_the_lm_too(data_dir, connection):
+    msg = refused(
+        data_dir, "--arch", "transformer_lm_b2t", "--connection", connection, "--decoder-normalize-before",
+        match="--decoder-normalize-before", task="language_modeling",
+    )  # fmt: skip
+    assert "--connection pre-ln" in msg
+
+
+def test_normalize_before_default_when_b2t_is_implicit(data_dir):
+    # --connection not given: b2t is the default, so the Pre-LN flag still contradicts it
+    refused(data_dir, "--arch", "transformer_b2t", "--encoder-normalize-before", match="--connection pre-ln")
+
+
+@pytest.mark.parametrize("rate", ["1.0", "1.5", "-0.1"])
+@pytest.mark.parametrize("side", ["enc", "dec"])
+def test_replace_rate_out_of_range(data_dir, side, rate):
+    msg = refused(
+        data_dir, "--arch", "transformer_b2t", "--sampling-method", "worddrop", f"--{side}-replace-rate", rate,
+        match=rf"--{side}-replace-rate",
+    )  # fmt: skip
+    assert "[0, 1)" in msg
+
+
+@pytest.mark.parametrize("side", ["enc", "dec"])
+def test_replace_rate_without_worddrop(data_dir, side):
+    msg = refused(data_dir, "--arch", "transformer_b2t", f"--{side}-replace-rate", "0.1", match="--sampling-method")
+    assert "worddrop" in msg
+    refused(
+        data_dir, "--arch", "transformer_b2t", "--sampling-method", "none", f"--{side}-replace-rate", "0.1",
+        match="--sampling-method worddrop",
+    )  # fmt: skip
+
+
+def test_unknown_connection_is_an_argparse_error(data_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(data_dir, "--arch", "transformer_b2t", "--connection", "foo")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--connection" in err and "b2t" in err and "pre-ln" in err and "post-ln" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--init-scaling", "sqrt"), ("--sampling-method", "tokendrop")])
+def test_other_choices_are_argparse_errors(data_dir, flag, value):
+    with pytest.raises(SystemExit) as info:
+        parse(data_dir, "--arch", "transformer_b2t", flag, value)
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("depth", [18, 100])
+def test_deep_preset_refuses_contradicting_depth(data_dir, depth, stack):
+    msg = refused(
+        data_dir, "--arch", f"transformer_b2t_wmt_en_de_{depth}l", f"--{stack}-layers", "6",
+        match=f"--{stack}-layers 6",
+    )  # fmt: skip
+    assert "--arch transformer_b2t_wmt_en_de" in msg  # the fix: the plain arch with explicit depths
+
+
+def test_residual_bottom_to_top_contradicts_other_connections(data_dir):
+    for connection in ("pre-ln", "post-ln"):
+        msg = refused(
+            data_dir, "--arch", "transformer_b2t", "--residual-bottom-to-top", "--connection", connection,
+            match="--residual-bottom-to-top",
+        )  # fmt: skip
+        assert connection in msg and "drop one" in msg
+
+
+def test_config_error_is_a_value_error():
+    # callers that catch fairseq's ValueErrors keep working
+    assert issubclass(B2TConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------------- resolutions
+def test_residual_bottom_to_top_alone_means_b2t(data_dir):
+    args = parse(data_dir, "--arch", "transformer_b2t", "--residual-bottom-to-top")
+    assert args.connection == "b2t" and args.init_scaling == "depth"
+    assert not args.encoder_normalize_before and not args.decoder_normalize_before
+    args = parse(data_dir, "--arch", "transformer_b2t", "--residual-bottom-to-top", "--connection", "b2t")
+    assert args.connection == "b2t"
+
+
+def test_defaults(data_dir):
+    args = parse(data_dir, "--arch", "transformer_b2t")
+    assert args.connection == "b2t"
+    assert args.init_scaling == "depth"
+    assert args.sampling_method == "none" and args.enc_replace_rate == 0 and args.dec_replace_rate == 0
+    assert not args.encoder_normalize_before and not args.decoder_normalize_before
+    for connection in ("post-ln", "pre-ln"):
+        assert parse(data_dir, "--arch", "transformer_b2t", "--connection", connection).init_scaling == "none"
+
+
+def test_pre_ln_sets_normalize_before(data_dir):
+    args = parse(data_dir, "--arch", "transformer_b2t", "--connection", "pre-ln")
+    assert args.encoder_normalize_before is True and args.decoder_normalize_before is True
+    # explicitly asking for it as well is consistent, not an error
+    args = parse(data_dir, "--arch", "transformer_b2t", "--connection", "pre-ln", "--encoder-normalize-before")
+    assert args.encoder_normalize_before is True
+    model = build(data_dir, "--arch", "transformer_b2t", "--connection", "pre-ln", "--encoder-layers", "2",
+                  "--decoder-layers", "2", *TINY)  # fmt: skip
+    assert all(layer.normalize_before for layer in model.encoder.layers)
+    assert all(layer.normalize_before for layer in model.decoder.layers)
+
+
+@pytest.mark.parametrize("connection,expected", [("b2t", False), ("post-ln", False), ("pre-ln", True)])
+def test_lm_connection_decides_normalize_before(data_dir, connection, expected):
+    # fairseq's LM presets hard-wire Pre-LN; ours follow --connection
+    for arch in ("transformer_lm_b2t", "transformer_lm_b2t_wiki103", "transformer_lm_b2t_gbw"):
+        args = parse(data_dir, "--arch", arch, "--connection", connection, task="language_modeling")
+        assert args.decoder_normalize_before is expected, arch
+
+
+@pytest.mark.parametrize("depth", [18, 100])
+def test_deep_presets(data_dir, depth):
+    arch = f"transformer_b2t_wmt_en_de_{depth}l"
+    args = parse(data_dir, "--arch", arch)
+    assert args.encoder_layers == depth and args.decoder_layers == depth
+    assert args.dropout == 0.5
+    assert args.sampling_method == "worddrop"
+    assert args.enc_replace_rate == 0.1 and args.dec_replace_rate == 0.1
+    assert args.connection == "b2t" and args.init_scaling == "depth"
+    # transformer_wmt_en_de dimensions
+    assert args.encoder_embed_dim == 512 and args.encoder_ffn_embed_dim == 2048
+    assert args.encoder_attention_heads == 8
+    # the consistent depth may be repeated
+    args = parse(data_dir, "--arch", arch, "--encoder-layers", depth, "--decoder-layers", depth)
+    assert args.encoder_layers == depth
+    # the built model really has the depth and the word dropout (tiny dims so it builds fast)
+    model = build(data_dir, "--arch", arch, *TINY)
+    assert len(model.encoder.layers) == depth and len(model.decoder.layers) == depth
+    assert model.encoder.word_dropout_p == 0.1 and model.decoder.word_dropout_p == 0.1
+    assert model.encoder.layers[0].dropout_module.p == 0.5
+
+
+@pytest.mark.parametrize("depth", [18, 100])
+def test_deep_preset_overrides(data_dir, depth):
+    arch = f"transformer_b2t_wmt_en_de_{depth}l"
+    args = parse(data_dir, "--arch", arch, "--dropout", "0.3")
+    assert args.dropout == 0.3 and args.enc_replace_rate == 0.1
+    args = parse(data_dir, "--arch", arch, "--enc-replace-rate", "0.2")
+    assert args.enc_replace_rate == 0.2 and args.dec_replace_rate == 0.1 and args.sampling_method == "worddrop"
+    args = parse(data_dir, "--arch", arch, "--dec-replace-rate", "0")
+    assert args.enc_replace_rate == 0.1 and args.dec_replace_rate == 0.0
+    args = parse(data_dir, "--arch", arch, "--connection", "pre-ln")
+    assert args.connection == "pre-ln" and args.init_scaling == "none" and args.encoder_normalize_before
+    args = parse(data_dir, "--arch", arch, "--init-scaling", "none")
+    assert args.init_scaling == "none"
+
+
+@pytest.mark.parametrize("depth", [18, 100])
+def test_deep_preset_sampling_none_switches_word_dropout_off(data_dir, depth):
+    arch = f"transformer_b2t_wmt_en_de_{depth}l"
+    args = parse(data_dir, "--arch", arch, "--sampling-method", "none")
+    assert args.sampling_method == "none"
+    assert args.enc_replace_rate == 0 and args.dec_replace_rate == 0
+    assert args.dropout == 0.5
+    model = build(data_dir, "--arch", arch, "--sampling-method", "none", *TINY)
+    assert model.encoder.word_dropout_p == 0 and model.decoder.word_dropout_p == 0
+
+
+def _authors_18l_command(data_dir):
+    """takase/b2t_connection README, 18L-18L (anchors.md section 0), with our --user-dir and arch, minus --fp16.
+
+    fairseq 0.12 renamed the authors' (fairseq 0.9) ``--min-lr`` to ``--stop-min-lr``; the verbatim flag is
+    rejected by fairseq's own parser, so it is translated here."""
+    return (
+        f"{data_dir} --user-dir {PLUGIN_DIR} "
+        "--arch transformer_b2t_wmt_en_de --share-all-embeddings --optimizer adam "
+        "--adam-betas (0.9,0.98) --clip-norm 0.1 --lr 0.001 --lr-scheduler inverse_sqrt --warmup-updates 4000 "
+        "--warmup-init-lr 1e-07 --dropout 0.5 --weight-decay 0.0 --criterion label_smoothed_cross_entropy "
+        "--label-smoothing 0.1 --max-tokens 3584 --stop-min-lr 1e-09 --update-freq 16 --max-update 50000 "
+        "--sampling-method worddrop --enc-replace-rate 0.1 --dec-replace-rate 0.1 --decay-val 1000 "
+        "--keep-last-epochs 10 --seed 1 --encoder-layers 18 --decoder-layers 18 --residual-bottom-to-top"
+    ).split()
+
+
+def test_authors_18l_command_line(data_dir):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, _authors_18l_command(data_dir) + ["-s", "src", "-t", "tgt"])
+    assert args.connection == "b2t" and args.residual_bottom_to_top
+    assert args.encoder_layers == 18 and args.decoder_layers == 18
+    assert args.sampling_method == "worddrop"
+    assert args.enc_replace_rate == 0.1 and args.dec_replace_rate == 0.1 and args.decay_val == 1000
+    assert args.dropout == 0.5 and args.init_scaling == "depth"
+    assert args.share_all_embeddings and args.encoder_embed_dim == 512
+    assert not args.encoder_normalize_before and not args.decoder_normalize_before
+    assert args.stop_min_lr == 1e-09 and args.warmup_init_lr == 1e-07
