@@ -24,6 +24,9 @@ identical sizes, so the only difference is the residual wiring of each layer. Me
 Timed work ALTERNATES between the models (round r: A, B[, C ...]; round r+1: A, B ...), so drift in machine
 speed (other jobs, thermal or VM-neighbour noise) hits all models alike. Ratios are computed per round
 (B_r / A_r) and summarised by their median and min-max; the min-max of each model's own rounds shows the noise.
+For every timed round the share of the machine's CPU used by OTHER processes is read from /proc/stat; the
+ratios are also reported over the "quiet" rounds (others < 10%), since OpenMP threads slow down several times
+as soon as another process holds one of the cores.
 
 Threads: ``torch.set_num_threads(--threads)``, default = number of usable CPU cores.
 
@@ -622,6 +625,11 @@ Recorded by `benchmarks/bench_b2t_vs_transformer.py` (see `benchmarks/README.md`
   EOS (`max_len_a=0, max_len_b=L, min_len=L`) so both models do identical work whatever their random weights.
 - **×transformer**: ratio to the stock model, computed per round and summarised as median [min–max];
   "own min–max" is a model's spread over its rounds, i.e. the noise level of the machine.
+- **Contention check**: for every timed round the script reads `/proc/stat` and computes how much of the
+  machine's CPU time other processes used; rounds where that stayed under 10% for every model are "quiet",
+  and the ratios are repeated over the quiet rounds only. `torch.set_num_threads` = all cores by default,
+  and OpenMP threads collapse when another process holds a core (a step can get 5-10x slower), so rounds
+  run under contention measure the machine, not the model.
 
 Expectation: B2T adds one tensor addition per layer (the layer input, added before the last layer norm) and
 no parameters, so throughput ratios should be ≥ 0.97 and memory about equal. Ratios within the spread of
