@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # test the working tree, not the copy installed in site-packages
+    sys.path.insert(0, str(REPO))
 PLUGIN_DIR = REPO / "b2t_fairseq"
 BIN = Path(sys.executable).parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -64,3 +66,50 @@ def shared_data(name):
     if not path.is_dir():
         pytest.skip(f"real data sample {path} is not present (it lives in ../shared/data beside the repo)")
     return path
+
+
+# ------------------------------------------------------------------ models built in-process through fairseq's API
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread start-up and contention cost far more than they save on 2 shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data directory holding only 30-word dictionaries: enough for fairseq to set up a task."""
+    from fairseq.data import Dictionary
+
+    d = tmp_path_factory.mktemp("dicts")
+    dictionary = Dictionary()
+    for i in range(30):
+        dictionary.add_symbol(f"w{i}")
+    for name in ("dict.src.txt", "dict.tgt.txt", "dict.txt"):
+        dictionary.save(str(d / name))
+    return d
+
+
+def parse_args(data_dir, argv, task="translation"):
+    """fairseq-train's own argument parsing (architecture functions included) with the plugin loaded."""
+    from fairseq import options
+
+    base = [str(data_dir), "--task", task, "--user-dir", str(PLUGIN_DIR)]
+    if task == "translation":
+        base += ["-s", "src", "-t", "tgt"]
+    return options.parse_args_and_arch(options.get_training_parser(), base + [str(a) for a in argv])
+
+
+def build_model(data_dir, argv, task="translation", seed=0):
+    """Returns (model, task, args), the model built the way fairseq-train builds it, after torch.manual_seed."""
+    import torch
+    from fairseq import tasks
+
+    args = parse_args(data_dir, argv, task)
+    tk = tasks.setup_task(args)
+    torch.manual_seed(seed)
+    return tk.build_model(args), tk, args

@@ -1,21 +1,12 @@
 """The authors' depth-scaled init (``--init-scaling``) and word dropout (``--sampling-method worddrop``)."""
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "b2t_fairseq"
-if str(REPO) not in sys.path:  # test the working tree, not a copy installed in site-packages
-    sys.path.insert(0, str(REPO))
-
-from fairseq import options, tasks  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-
-import b2t_fairseq  # noqa: E402,F401  (registers the models)
+import b2t_fairseq  # noqa: F401  (registers the models)
+from conftest import PLUGIN_DIR, build_model, parse_args  # noqa: F401
 
 DIMS = (
     "--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
@@ -34,38 +25,11 @@ SCALED = re.compile(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dicts")
-    dictionary = Dictionary()
-    for i in range(30):
-        dictionary.add_symbol(f"w{i}")
-    for name in ("dict.src.txt", "dict.tgt.txt", "dict.txt"):
-        dictionary.save(str(d / name))
-    return d
-
-
 def parse(data_dir, argv, task="translation"):
-    parser = options.get_training_parser()
-    base = [str(data_dir), "--task", task, "--user-dir", str(PLUGIN_DIR)]
-    if task == "translation":
-        base += ["-s", "src", "-t", "tgt"]
-    return options.parse_args_and_arch(parser, base + list(argv))
+    return parse_args(data_dir, argv, task)
 
 
-def build(data_dir, argv, task="translation", seed=0):
-    args = parse(data_dir, argv, task)
-    tk = tasks.setup_task(args)
-    torch.manual_seed(seed)
-    return tk.build_model(args), tk, args
+build = build_model
 
 
 def nmt(connection, enc_layers, dec_layers, *extra):

@@ -4,22 +4,16 @@ Every reference value here is recomputed in the test from the layers' submodules
 layer norms, fc1/fc2, relu) following PAPER.md, or comes from fairseq's stock models; nothing is compared with
 a value produced by the code under test.
 """
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "b2t_fairseq"
-if str(REPO) not in sys.path:  # test the working tree, not a copy installed in site-packages
-    sys.path.insert(0, str(REPO))
+from fairseq import options, tasks  # noqa: F401
 
-from fairseq import options, tasks  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-
-import b2t_fairseq  # noqa: E402,F401  (registers the models)
+import b2t_fairseq  # noqa: F401  (registers the models)
+from conftest import PLUGIN_DIR, build_model, parse_args  # noqa: F401
 
 CONNECTIONS = ("b2t", "post-ln", "pre-ln")
 DIMS = (
@@ -35,39 +29,12 @@ TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread start-up and contention cost far more than they save (and CI boxes are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dicts")
-    dictionary = Dictionary()
-    for i in range(30):
-        dictionary.add_symbol(f"w{i}")
-    for name in ("dict.src.txt", "dict.tgt.txt", "dict.txt"):
-        dictionary.save(str(d / name))
-    return d
-
-
 def parse(data_dir, argv, task="translation"):
-    parser = options.get_training_parser()
-    base = [str(data_dir), "--task", task, "--user-dir", str(PLUGIN_DIR)]
-    if task == "translation":
-        base += ["-s", "src", "-t", "tgt"]
-    return options.parse_args_and_arch(parser, base + list(argv))
+    return parse_args(data_dir, argv, task)
 
 
 def build(data_dir, argv, task="translation", seed=0):
-    args = parse(data_dir, argv, task)
-    tk = tasks.setup_task(args)
-    torch.manual_seed(seed)
-    model = tk.build_model(args)
+    model, tk, _ = build_model(data_dir, argv, task, seed)
     return model, tk
 
 

@@ -1,20 +1,10 @@
 """Command-line options of the plugin: every bad input is refused with a message that names the fix."""
-import sys
-from pathlib import Path
-
 import pytest
-import torch
+from fairseq import options
 
-REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "b2t_fairseq"
-if str(REPO) not in sys.path:  # test the working tree, not a copy installed in site-packages
-    sys.path.insert(0, str(REPO))
-
-from fairseq import options, tasks  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-
-import b2t_fairseq  # noqa: E402,F401  (registers the models)
-from b2t_fairseq.errors import B2TConfigError  # noqa: E402
+import b2t_fairseq  # noqa: F401  (registers the models)
+from b2t_fairseq.errors import B2TConfigError
+from conftest import PLUGIN_DIR, build_model, parse_args  # noqa: F401
 
 TINY = (
     "--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
@@ -22,29 +12,12 @@ TINY = (
 ).split()
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dicts")
-    dictionary = Dictionary()
-    for i in range(30):
-        dictionary.add_symbol(f"w{i}")
-    for name in ("dict.src.txt", "dict.tgt.txt", "dict.txt"):
-        dictionary.save(str(d / name))
-    return d
-
-
 def parse(data_dir, *argv, task="translation"):
-    parser = options.get_training_parser()
-    base = [str(data_dir), "--task", task, "--user-dir", str(PLUGIN_DIR)]
-    if task == "translation":
-        base += ["-s", "src", "-t", "tgt"]
-    return options.parse_args_and_arch(parser, base + [str(a) for a in argv])
+    return parse_args(data_dir, argv, task)
 
 
 def build(data_dir, *argv, task="translation"):
-    args = parse(data_dir, *argv, task=task)
-    torch.manual_seed(0)
-    return tasks.setup_task(args).build_model(args)
+    return build_model(data_dir, argv, task)[0]
 
 
 def refused(data_dir, *argv, match, task="translation"):
