@@ -330,17 +330,31 @@ def peak_train_memory(bench, sample):
 
 
 def summary(values):
-    values = sorted(values)
-    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    """Median, min, max, quartiles and coefficient of variation; ``per_round`` keeps the values in round order."""
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4) if len(values) >= 2 else [ordered[0]] * 3
     return {
-        "median": statistics.median(values),
-        "min": values[0],
-        "max": values[-1],
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
         "q1": q[0],
         "q3": q[2],
         "cv": statistics.stdev(values) / statistics.mean(values) if len(values) >= 2 else 0.0,
-        "values": values,
+        "per_round": list(values),
     }
+
+
+def ratio_summary(ratios, resamples=2000):
+    """summary() plus the geometric mean and its 95% bootstrap interval (fixed seed, so reruns are comparable).
+    An interval that contains 1 means the rounds cannot tell the models apart."""
+    import random
+
+    out = summary(ratios)
+    out["geomean"] = statistics.geometric_mean(ratios)
+    rng = random.Random(0)
+    boot = sorted(statistics.geometric_mean(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    out["geomean_ci95"] = [boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -545,10 +559,10 @@ def run(cli):
                 "peak_train_memory_ratio": memory[b.name]["peak_bytes"] / base_mem,
                 "gen_sentences_per_s": summary(gen_rates[b.name]),
                 "gen_ratio_per_round": summary([x / y for x, y in zip(gen_rates[b.name], gen_rates[BASELINE])]),
-                "train_ratio_clean_rounds": summary(ratios(train_rates, clean["train"], b.name))
+                "train_ratio_clean_rounds": ratio_summary(ratios(train_rates, clean["train"], b.name))
                 if clean["train"]
                 else None,
-                "gen_ratio_clean_rounds": summary(ratios(gen_rates, clean["gen"], b.name)) if clean["gen"] else None,
+                "gen_ratio_clean_rounds": ratio_summary(ratios(gen_rates, clean["gen"], b.name)) if clean["gen"] else None,
                 "train_others_cpu_share_per_round": train_cpu[b.name],
                 "gen_others_cpu_share_per_round": gen_cpu[b.name],
             }
@@ -601,7 +615,10 @@ def markdown_table(report):
         for r in report["results"]:
             if r["model"] != BASELINE and r[key]:
                 c = r[key]
-                parts.append(f"{r['model']} {c['median']:.3f} [{c['min']:.3f}–{c['max']:.3f}]")
+                parts.append(
+                    f"{r['model']} median {c['median']:.3f} [{c['min']:.3f}–{c['max']:.3f}], geometric mean "
+                    f"{c['geomean']:.3f} (95% bootstrap CI {c['geomean_ci95'][0]:.3f}–{c['geomean_ci95'][1]:.3f})"
+                )
         notes.append(
             f"{label}: {len(clean[phase])}/{cfg['repeats']} rounds quiet (other processes < {QUIET:.0%} of the "
             f"machine's CPU for every model)" + (f"; ×transformer over those: {', '.join(parts)}" if parts else "")
@@ -627,9 +644,10 @@ Recorded by `benchmarks/bench_b2t_vs_transformer.py` (see `benchmarks/README.md`
   "own min–max" is a model's spread over its rounds, i.e. the noise level of the machine.
 - **Contention check**: for every timed round the script reads `/proc/stat` and computes how much of the
   machine's CPU time other processes used; rounds where that stayed under 10% for every model are "quiet",
-  and the ratios are repeated over the quiet rounds only. `torch.set_num_threads` = all cores by default,
-  and OpenMP threads collapse when another process holds a core (a step can get 5-10x slower), so rounds
-  run under contention measure the machine, not the model.
+  and the ratios are repeated over the quiet rounds only, with their geometric mean and its 95% bootstrap
+  interval (an interval containing 1 means the rounds cannot tell the models apart). Threads default to
+  all cores, and OpenMP threads collapse when another process holds a core (a step can get 5-10x slower),
+  so rounds run under contention measure the machine, not the model.
 
 Expectation: B2T adds one tensor addition per layer (the layer input, added before the last layer norm) and
 no parameters, so throughput ratios should be ≥ 0.97 and memory about equal. Ratios within the spread of

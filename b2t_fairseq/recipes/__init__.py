@@ -1,0 +1,1 @@
+"""End-to-end recipes for the paper's tables; each reads its hyperparameters from configs/<recipe>/."""

@@ -1,0 +1,522 @@
+"""WMT En-De recipe of the B2T paper: train one (method, depth) row, evaluate it on newstest2010-2016, build the table.
+
+    python -m b2t_fairseq.recipes.wmt_en_de train --method b2t --depth 18 --gpus 8 \\
+        --data-bin data-bin/wmt16_en_de_bpe32k --save-dir ckpt/b2t-18l [--dry-run] [-- extra fairseq-train flags]
+    python -m b2t_fairseq.recipes.wmt_en_de evaluate --save-dir ckpt/b2t-18l --data-bin data-bin/wmt16_en_de_bpe32k \\
+        --refs raw-refs/ --out results/b2t-18l.json [--subset 2014=test --subset 2015=test1 ...]
+    python -m b2t_fairseq.recipes.wmt_en_de table --results results/ --out table.md
+
+Hyperparameters live in configs/wmt_en_de/*.yaml (base + 6l/18l/100l, + smoke for --scale smoke); this file
+only combines them. Every method gets the same flags; --method only sets --connection.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.tools.pipeline import as_flags
+
+PROG = "wmt_en_de"
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+# configs/ sits beside the package in the repository; an installed copy has none, so fall back to the cwd's.
+DEFAULT_CONFIG_DIR = next(
+    (d for d in (PLUGIN_DIR.parent / "configs" / "wmt_en_de", Path("configs") / "wmt_en_de") if d.is_dir()),
+    PLUGIN_DIR.parent / "configs" / "wmt_en_de",
+)
+METHODS = ("post-ln", "pre-ln", "b2t")  # table order: baselines first
+DEPTHS = (6, 18, 100)
+METHOD_NAMES = {"post-ln": "Post-LN", "pre-ln": "Pre-LN", "b2t": "B2T"}
+RECIPE_FILE = "recipe.json"  # written by `train` into the save dir, so `evaluate` knows which row it scores
+# Set by the recipe itself; changing them through `-- extra` would break the identical-settings or token-budget
+# guarantees, so they are refused there with the option to use instead.
+RESERVED_EXTRA = {
+    "--connection": "--method",
+    "--residual-bottom-to-top": "--method",
+    "--arch": "--depth (or the depth's config file)",
+    "-a": "--depth (or the depth's config file)",
+    "--update-freq": "--gpus (update-freq is derived from it)",
+    "--max-tokens": "--max-tokens of this recipe",
+    "--distributed-world-size": "--gpus",
+    "--save-dir": "--save-dir of this recipe",
+    "--user-dir": "nothing (the recipe sets it)",
+}
+
+
+class RecipeError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ configuration
+def merge(base, override):
+    """Recursive dict merge; ``None`` in ``override`` deletes the key, so an override can drop a base flag."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path):
+    if not path.is_file():
+        raise RecipeError(f"config {path} does not exist (pass --config-dir DIR holding base.yaml, 6l.yaml, ...)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"config {path} must be a mapping, not {type(data).__name__}")
+    return data or {}
+
+
+def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
+    config_dir = Path(config_dir)
+    config = _read_yaml(config_dir / "base.yaml")
+    if depth is not None:
+        config = merge(config, _read_yaml(config_dir / f"{depth}l.yaml"))
+    if scale is not None:
+        config = merge(config, _read_yaml(config_dir / f"{scale}.yaml"))
+    for key in ("train", "tokens_per_update", "evaluate"):
+        if key not in config:
+            raise RecipeError(f"config in {config_dir} has no '{key}' entry")
+    return config
+
+
+# ------------------------------------------------------------------ train
+def update_freq(tokens_per_update, max_tokens, workers):
+    """update-freq with workers x max_tokens x update-freq == tokens_per_update, or RecipeError saying why not."""
+    per_step = workers * max_tokens
+    if tokens_per_update % per_step:
+        lo = tokens_per_update // per_step
+        options = [f"update-freq {f} would give {f * per_step:,}" for f in (lo, lo + 1) if f > 0]
+        raise RecipeError(
+            f"{tokens_per_update:,} tokens per update is not a multiple of {workers} worker(s) x {max_tokens} "
+            f"max-tokens = {per_step:,} ({'; '.join(options)} tokens per update); use a GPU count or --max-tokens "
+            f"that divides {tokens_per_update:,}"
+        )
+    return tokens_per_update // per_step
+
+
+def _check_extra(extra):
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name in RESERVED_EXTRA:
+            raise RecipeError(f"{name} cannot be passed to fairseq-train here; use {RESERVED_EXTRA[name]}")
+
+
+def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
+                        config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
+    """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if int(depth) not in DEPTHS:
+        raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, DEPTHS))}")
+    if gpus < 0:
+        raise RecipeError(f"--gpus must be >= 0, not {gpus}")
+    if scale is not None and gpus > 0:
+        raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
+    extra = list(extra)
+    _check_extra(extra)
+    config = load_config(config_dir, int(depth), scale)
+    train = dict(config["train"])
+    if max_tokens is not None:
+        train["max-tokens"] = max_tokens
+    if "max-tokens" not in train:
+        raise RecipeError("the config sets no max-tokens; the token budget per update cannot be derived")
+    for key in ("connection", "update-freq", "cpu", "fp16", "distributed-world-size"):
+        if key in train:
+            raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
+    workers = max(gpus, 1)
+    freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
+    on_gpu = gpus > 0 and scale is None
+    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(PLUGIN_DIR),
+           "--save-dir", str(save_dir), "--connection", method, *as_flags(train),
+           "--update-freq", str(freq)]  # fmt: skip
+    if on_gpu:
+        cmd += as_flags(config.get("gpu_train", {}))
+        if gpus > 1:
+            cmd += ["--distributed-world-size", str(gpus)]
+    else:
+        cmd.append("--cpu")
+    cmd += extra
+    info = {
+        "recipe": PROG,
+        "method": method,
+        "depth": int(depth),
+        "scale": scale,
+        "gpus": gpus,
+        "max_tokens": int(train["max-tokens"]),
+        "update_freq": freq,
+        "tokens_per_update": workers * int(train["max-tokens"]) * freq,
+        "extra": extra,
+        "command": shlex.join(cmd),
+    }
+    return cmd, info
+
+
+def _check_data_bin(data_bin, subsets=("train", "valid")):
+    data_bin = Path(data_bin)
+    if not data_bin.is_dir():
+        raise RecipeError(f"data-bin {data_bin} does not exist (binarize with fairseq-preprocess --joined-dictionary)")
+    if not list(data_bin.glob("dict.*.txt")):
+        raise RecipeError(f"{data_bin} has no dict.*.txt; is it a fairseq-preprocess output directory?")
+    for subset in subsets:
+        if not subset_pairs(data_bin, subset):
+            raise RecipeError(f"{data_bin} has no '{subset}' subset ({subset}.SRC-TGT.SRC.idx/.bin)")
+
+
+def cmd_train(args, extra):
+    cmd, info = build_train_command(
+        args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra, args.max_tokens,
+        args.config_dir,
+    )
+    if args.dry_run:
+        print(info["command"])
+        return 0
+    _check_data_bin(args.data_bin)
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = save_dir / RECIPE_FILE
+    if recipe_path.is_file():
+        # Resuming is fine (fairseq continues from checkpoint_last.pt), mixing two rows in one directory is not.
+        old = json.loads(recipe_path.read_text())
+        if (old.get("method"), old.get("depth"), old.get("scale")) != (info["method"], info["depth"], info["scale"]):
+            raise RecipeError(
+                f"{save_dir} holds a {old.get('method')} {old.get('depth')}L run (scale {old.get('scale')}); "
+                "use another --save-dir"
+            )
+    recipe_path.write_text(json.dumps(info, indent=2) + "\n")
+    print("+", info["command"], flush=True)
+    return subprocess.run(cmd).returncode
+
+
+# ------------------------------------------------------------------ evaluate
+def subset_pairs(data_bin, subset):
+    """Language pairs (src, tgt) for which ``subset`` is binarized in ``data_bin``."""
+    pairs = set()
+    for path in Path(data_bin).glob(f"{subset}.*-*.*.idx"):
+        rest = path.name[len(subset) + 1 : -len(".idx")]
+        pair, _, lang = rest.rpartition(".")
+        src, _, tgt = pair.partition("-")
+        if src and tgt and lang in (src, tgt):
+            pairs.add((src, tgt))
+    return pairs
+
+
+def _parse_mapping(items, what):
+    mapping = {}
+    for item in items or ():
+        year, sep, value = item.partition("=")
+        if not sep or not year.strip().isdigit() or not value:
+            raise RecipeError(f"{what} {item!r} must look like YEAR={'SUBSET' if what == '--subset' else 'FILE'}")
+        mapping[int(year)] = value
+    return mapping
+
+
+def lenpen_for(config, year):
+    table = config["evaluate"]["lenpen"]
+    return float(table.get(year, table.get(str(year), table["default"])))
+
+
+def _recipe_facts(save_dir, checkpoint_state):
+    """method/depth/scale of the run: recipe.json from `train`, else what the checkpoint's model says."""
+    path = Path(save_dir) / RECIPE_FILE
+    if path.is_file():
+        facts = json.loads(path.read_text())
+        return {k: facts.get(k) for k in ("method", "depth", "scale", "extra")}
+    cfg = checkpoint_state.get("cfg") or {}
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    model = model if model is not None else checkpoint_state.get("args")
+    get = (lambda k: model.get(k)) if isinstance(model, dict) else (lambda k: getattr(model, k, None))
+    return {"method": get("connection"), "depth": get("encoder_layers"), "scale": None, "extra": []}
+
+
+def average(save_dir, n):
+    """The averaged checkpoint of the last ``n`` epochs (reused when it is newer than all of them)."""
+    import torch
+
+    from b2t_fairseq.tools.average_checkpoints import average_checkpoints, select_checkpoints
+
+    inputs = select_checkpoints(save_dir, num_epoch_checkpoints=n)
+    output = Path(save_dir) / f"averaged_last{n}.pt"
+    if output.is_file() and output.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
+        from b2t_fairseq.checkpoint_compat import load_checkpoint
+
+        return output, inputs, load_checkpoint(output)
+    print(f"averaging {len(inputs)} checkpoints: {', '.join(p.name for p in inputs)}", flush=True)
+    state = average_checkpoints(inputs)
+    torch.save(state, output)
+    return output, inputs, state
+
+
+def generate(data_bin, checkpoint, subset, src, tgt, lenpen, flags, cpu, output):
+    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", str(PLUGIN_DIR),
+           "--path", str(checkpoint), "--gen-subset", subset, "--source-lang", src, "--target-lang", tgt,
+           "--lenpen", str(lenpen), *as_flags(flags)]  # fmt: skip
+    if cpu:
+        cmd.append("--cpu")
+    print("+", shlex.join(cmd), flush=True)
+    with open(output, "w", encoding="utf-8") as out:
+        result = subprocess.run(cmd, stdout=out)
+    if result.returncode != 0:
+        raise RecipeError(f"fairseq-generate failed on subset {subset} with exit code {result.returncode}")
+
+
+def score_file(generate_output, reference, ev, hyp_output):
+    from b2t_fairseq.tools import score as scorer
+
+    lines = Path(generate_output).read_text(encoding="utf-8").splitlines()
+    raw = scorer.read_hypotheses(lines)
+    if not raw:
+        raise RecipeError(f"no H-<id> lines in {generate_output}")
+    hyps = [scorer.postprocess(h, ev["remove_bpe"], ev.get("detok_lang")) for h in raw]
+    Path(hyp_output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    refs = scorer._read_lines(str(reference))
+    return scorer.score(hyps, refs, ev.get("tokenize", "13a"))
+
+
+def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_files=(), scale=None, average_last=None,
+             cpu=None, config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
+    config = load_config(config_dir, scale=scale)
+    ev = config["evaluate"]
+    years = [int(y) for y in (years or ev["years"])]
+    subset_map = _parse_mapping(subsets, "--subset")
+    ref_map = _parse_mapping(ref_files, "--ref")
+    data_bin, save_dir, out = Path(data_bin), Path(save_dir), Path(out)
+    if not save_dir.is_dir():
+        raise RecipeError(f"save dir {save_dir} does not exist")
+    _check_data_bin(data_bin, subsets=())
+
+    stray = sorted((set(subset_map) | set(ref_map)) - set(years))
+    if stray:
+        raise RecipeError(f"--subset/--ref given for {stray}, which are not among the years {years}")
+    # Check every input before the (long) decoding, so a typo fails in a second, not after six years of output.
+    plan = []
+    for year in years:
+        subset = subset_map.get(year, f"test{year}")
+        pairs = subset_pairs(data_bin, subset)
+        if not pairs:
+            hint = "" if year in subset_map else f" (map it with --subset {year}=SUBSET, e.g. test, test1, ...)"
+            raise RecipeError(f"{data_bin} has no subset '{subset}' for {year}{hint}")
+        if len(pairs) > 1:
+            raise RecipeError(f"subset '{subset}' exists for several language pairs in {data_bin}: {sorted(pairs)}")
+        src, tgt = next(iter(pairs))
+        if year in ref_map:
+            reference = Path(ref_map[year])
+        elif refs is not None:
+            reference = Path(refs) / ev["ref_pattern"].format(year=year)
+        else:
+            raise RecipeError(f"no reference for {year}: pass --refs DIR or --ref {year}=FILE")
+        if not reference.is_file():
+            raise RecipeError(f"reference {reference} for {year} does not exist")
+        plan.append((year, subset, src, tgt, reference))
+
+    n = int(average_last or ev["average_last_epochs"])
+    try:
+        checkpoint, inputs, state = average(save_dir, n)
+    except B2TConfigError as e:
+        raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
+    facts = _recipe_facts(save_dir, state)
+    del state
+    if cpu is None:
+        import torch
+
+        cpu = scale is not None or not torch.cuda.is_available()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f"{out.stem}.work"
+    work.mkdir(exist_ok=True)
+    per_year = {}
+    for year, subset, src, tgt, reference in plan:
+        lenpen = lenpen_for(config, year)
+        gen_out = work / f"generate-{year}.txt"
+        generate(data_bin, checkpoint, subset, src, tgt, lenpen, ev.get("generate", {}), cpu, gen_out)
+        result = score_file(gen_out, reference, ev, work / f"hyp-{year}.detok.txt")
+        per_year[str(year)] = {
+            "bleu": result["bleu"], "subset": subset, "reference": str(reference), "lenpen": lenpen, "n": result["n"],
+            "score_string": result["score_string"],
+        }  # fmt: skip
+        print(f"{year}: {result['score_string']}", flush=True)
+        signature = result["signature"]
+    bleus = [v["bleu"] for v in per_year.values()]
+    summary = {
+        "recipe": PROG,
+        "method": facts["method"],
+        "depth": int(facts["depth"]) if facts["depth"] is not None else None,
+        "scale": facts["scale"],
+        "variant": " ".join(facts.get("extra") or []),
+        "bleu": {y: v["bleu"] for y, v in per_year.items()},
+        "avg": sum(bleus) / len(bleus),
+        "years": per_year,
+        "signature": signature,
+        "checkpoint": str(checkpoint),
+        "averaged": [str(p) for p in inputs],
+        "postprocess": {"remove_bpe": ev["remove_bpe"], "detok_lang": ev.get("detok_lang")},
+    }
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{facts['method']} {facts['depth']}L: avg BLEU {summary['avg']:.2f} over {len(bleus)} year(s) -> {out}")
+    return summary
+
+
+def cmd_evaluate(args, extra):
+    if extra:
+        raise RecipeError("evaluate takes no extra flags after --")
+    evaluate(args.save_dir, args.data_bin, args.out, args.refs, args.years, args.subset, args.ref, args.scale,
+             args.average_last, True if args.cpu else None, args.config_dir)  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------ table
+def load_results(paths):
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.json") if p.name != RECIPE_FILE)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RecipeError(f"no such results file or directory: {path}")
+    results = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path} is not JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("recipe") != PROG:
+            continue  # directories may hold other JSON (fairseq logs, other recipes)
+        missing = [k for k in ("method", "depth", "bleu", "avg", "signature") if data.get(k) is None]
+        if missing:
+            raise RecipeError(f"{path} lacks {', '.join(missing)}; was it written by `{PROG} evaluate`?")
+        data["_path"] = str(path)
+        results.append(data)
+    if not results:
+        raise RecipeError(f"no {PROG} evaluate results (JSON with \"recipe\": \"{PROG}\") in {', '.join(map(str, paths))}")
+    return results
+
+
+def _fmt(value):
+    return "–" if value is None else f"{float(value):.2f}"
+
+
+def render_table(results, config):
+    years = [int(y) for y in config["evaluate"]["years"]]
+    published = config.get("published", {})
+    ours = {}
+    for r in results:
+        key = (r["method"], int(r["depth"]), r.get("variant") or "")
+        if key in ours:
+            raise RecipeError(f"two results for {key[0]} {key[1]}L: {ours[key]['_path']} and {r['_path']}")
+        ours[key] = r
+    rows = []  # (sort key, cells)
+    order = {m: i for i, m in enumerate(METHODS)}
+    footnotes = []
+    for p in published.get("rows", []):
+        bleu = p.get("bleu") or {}
+        cells = [_fmt(bleu.get(y, bleu.get(str(y)))) for y in years] + [_fmt(p.get("avg"))]
+        source = f"published: {p['label']}" + (f" — {p['note']}" if p.get("note") else "")
+        rows.append(((int(p["depth"]), order.get(p["method"], 9), 0), p["method"], int(p["depth"]), source, cells))
+    for (method, depth, variant), r in ours.items():
+        bleu = r["bleu"]
+        cells = [_fmt(bleu.get(str(y))) for y in years]
+        avg = _fmt(r["avg"])
+        missing = [y for y in years if str(y) not in bleu]
+        if missing:
+            avg += "†"
+            if "†" not in "".join(footnotes):
+                footnotes.append("† average over the evaluated years only; the published Avg is over all seven.")
+        source = "ours" + (f" ({variant})" if variant else "") + (f", scale {r['scale']}" if r.get("scale") else "")
+        rows.append(((depth, order.get(method, 9), 1), method, depth, source, cells + [avg]))
+    rows.sort(key=lambda row: row[0])
+    header = ["Method", "Layers", "Source", *map(str, years), "Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, method, depth, source, cells in rows:
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | {depth}L-{depth}L | {source} | " + " | ".join(cells) + " |")
+    lines.append("")
+    signatures = sorted({r["signature"] for r in ours.values()})
+    lines.append(f"SacreBLEU signature (ours): {'; '.join(signatures)}")
+    if published.get("source"):
+        lines.append(f"Published numbers: {' '.join(str(published['source']).split())}.")
+    lines += footnotes
+    return "\n".join(lines) + "\n"
+
+
+def cmd_table(args, extra):
+    if extra:
+        raise RecipeError("table takes no extra flags after --")
+    config = load_config(args.config_dir)
+    text = render_table(load_results(args.results), config)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text, end="")
+    return 0
+
+
+# ------------------------------------------------------------------ CLI
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help=f"default: {DEFAULT_CONFIG_DIR}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--depth", required=True, type=int, choices=DEPTHS, help="layers in each of encoder and decoder")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
+    p.add_argument("--data-bin", required=True, type=Path)
+    p.add_argument("--save-dir", required=True, type=Path)
+    p.add_argument("--scale", choices=("smoke",), help="smoke: tiny model, a few dozen CPU updates (tests)")
+    p.add_argument("--max-tokens", type=int, help="per-GPU batch in tokens (default: the config's 3584)")
+    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="average, decode newstest20xx, score with SacreBLEU, write one JSON")
+    p.add_argument("--save-dir", required=True, type=Path)
+    p.add_argument("--data-bin", required=True, type=Path)
+    p.add_argument("--refs", type=Path, help="directory of raw references named as the config's ref_pattern")
+    p.add_argument("--ref", action="append", metavar="YEAR=FILE", help="reference file for one year (repeatable)")
+    p.add_argument("--subset", action="append", metavar="YEAR=SUBSET",
+                   help="binarized subset holding a year (default: test{YEAR}); fairseq-preprocess --testpref a,b,c "
+                        "names them test, test1, test2, ...")  # fmt: skip
+    p.add_argument("--years", nargs="+", type=int, help="default: the config's (2010 ... 2016)")
+    p.add_argument("--out", required=True, type=Path, help="result JSON")
+    p.add_argument("--scale", choices=("smoke",), help="smoke: no BPE removal or detokenization, short decoding")
+    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
+    p.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is present")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("table", help="Markdown table of evaluate results beside the published numbers")
+    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
+    p.add_argument("--out", type=Path, help="write the table here too")
+    p.set_defaults(func=cmd_table)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args, extra)
+    except (RecipeError, B2TConfigError, OSError) as e:
+        parser.exit(1, f"{PROG}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""WMT En-De recipe: token-budget arithmetic, identical settings across methods, the printed fairseq-train
+command, the results table, bad input, and one smoke run through fairseq's real train/generate."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, cli_env
+from b2t_fairseq.recipes import wmt_en_de as recipe
+from b2t_fairseq.recipes.wmt_en_de import RecipeError, build_train_command, main, render_table, update_freq
+
+CONFIGS = REPO / "configs" / "wmt_en_de"
+SCRIPTS = REPO / "scripts" / "wmt_en_de"
+
+
+def _flags(cmd):
+    """fairseq-train argv -> {flag: value or True}, skipping the interpreter, module and data-bin."""
+    args = cmd[cmd.index("fairseq_cli.train") + 2 :]
+    out, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]] = args[i + 1]
+            i += 2
+        else:
+            out[args[i]] = True
+            i += 1
+    return out
+
+
+# ------------------------------------------------------------------ update-freq
+@pytest.mark.parametrize("gpus, freq", [(1, 128), (4, 32), (8, 16)])
+def test_update_freq_keeps_the_papers_token_budget(gpus, freq):
+    assert update_freq(458752, 3584, gpus) == freq
+    cmd, info = build_train_command("b2t", 18, gpus, "data", "ckpt")
+    flags = _flags(cmd)
+    assert flags["--update-freq"] == str(freq)
+    assert gpus * int(flags["--max-tokens"]) * int(flags["--update-freq"]) == 458752 == info["tokens_per_update"]
+    assert ("--distributed-world-size" in flags) == (gpus > 1)
+    if gpus > 1:
+        assert flags["--distributed-world-size"] == str(gpus)
+
+
+def test_update_freq_error_names_the_budget_it_would_get():
+    with pytest.raises(RecipeError) as e:
+        update_freq(458752, 3584, 3)
+    message = str(e.value)
+    assert "3 worker(s) x 3584 max-tokens = 10,752" in message
+    assert "update-freq 42 would give 451,584" in message and "update-freq 43 would give 462,336" in message
+    # another --max-tokens changes the arithmetic, not the budget
+    assert update_freq(458752, 2048, 4) == 56
+
+
+def test_tokens_per_update_comes_from_the_config():
+    assert yaml.safe_load((CONFIGS / "base.yaml").read_text())["tokens_per_update"] == 458752
+
+
+# ------------------------------------------------------------------ identical settings
+@pytest.mark.parametrize("depth", [6, 18, 100])
+def test_methods_differ_only_in_connection(depth):
+    flags = {m: _flags(build_train_command(m, depth, 8, "data", "ckpt")[0]) for m in recipe.METHODS}
+    for method, f in flags.items():
+        assert f.pop("--connection") == method
+    assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
+
+
+def test_depth_configs_set_arch_dropout_worddrop_and_updates():
+    expect = {
+        6: ("transformer_b2t_wmt_en_de", "0.3", "none", "50000"),
+        18: ("transformer_b2t_wmt_en_de_18l", "0.5", "worddrop", "50000"),
+        100: ("transformer_b2t_wmt_en_de_100l", "0.5", "worddrop", "25000"),
+    }
+    for depth, (arch, dropout, sampling, updates) in expect.items():
+        f = _flags(build_train_command("b2t", depth, 8, "data", "ckpt")[0])
+        assert (f["--arch"], f["--dropout"], f["--sampling-method"], f["--max-update"]) == expect[depth]
+        assert ("--enc-replace-rate" in f) == (depth > 6)
+
+
+def test_dry_run_prints_the_18l_command(capsys):
+    assert main(["train", "--method", "pre-ln", "--depth", "18", "--gpus", "8", "--data-bin", "data-bin/wmt16",
+                 "--save-dir", "ckpt/pre-ln-18", "--dry-run", "--", "--log-interval", "50"]) == 0  # fmt: skip
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line
+    cmd = line.split()
+    assert cmd[:4] == [sys.executable, "-m", "fairseq_cli.train", "data-bin/wmt16"]
+    f = _flags(cmd)
+    assert f["--arch"] == "transformer_b2t_wmt_en_de_18l"
+    assert f["--connection"] == "pre-ln"
+    assert f["--dropout"] == "0.5"
+    assert (f["--sampling-method"], f["--enc-replace-rate"], f["--dec-replace-rate"]) == ("worddrop", "0.1", "0.1")
+    assert f["--fp16"] is True and "--cpu" not in f
+    assert f["--save-dir"] == "ckpt/pre-ln-18" and f["--user-dir"].endswith("b2t_fairseq")
+    for flag, value in {"--lr": "0.001", "--lr-scheduler": "inverse_sqrt", "--warmup-updates": "4000",
+                        "--warmup-init-lr": "1e-07", "--stop-min-lr": "1e-09", "--clip-norm": "0.1",
+                        "--weight-decay": "0.0", "--criterion": "label_smoothed_cross_entropy",
+                        "--label-smoothing": "0.1", "--max-tokens": "3584", "--keep-last-epochs": "10",
+                        "--seed": "1", "--update-freq": "16", "--max-update": "50000"}.items():  # fmt: skip
+        assert f[flag] == value, flag
+    assert "'(0.9,0.98)'" in line and f["--share-all-embeddings"] is True
+    assert cmd[-2:] == ["--log-interval", "50"]  # extra flags go last
+
+
+def test_cpu_and_smoke_commands():
+    f = _flags(build_train_command("b2t", 18, 0, "data", "ckpt")[0])
+    assert f["--cpu"] is True and "--fp16" not in f and f["--update-freq"] == "128"
+    f = _flags(build_train_command("b2t", 18, 0, "data", "ckpt", scale="smoke")[0])
+    assert f["--cpu"] is True and "--fp16" not in f
+    assert f["--arch"] == "transformer_b2t" and f["--encoder-layers"] == "2"
+    assert f["--dropout"] == "0.5"  # the depth's regularisation survives the smoke override
+    with pytest.raises(RecipeError, match="runs on the CPU"):
+        build_train_command("b2t", 6, 1, "data", "ckpt", scale="smoke")
+
+
+def test_the_parsed_command_is_valid_for_fairseq(data_dir):
+    """fairseq's own parser accepts every flag of the 18L command, and the model gets the recipe's settings."""
+    from conftest import parse_args
+
+    cmd, _ = build_train_command("b2t", 18, 8, data_dir, "ckpt")
+    argv = cmd[cmd.index("fairseq_cli.train") + 2 :]
+    argv = [a for a in argv if a not in ("--fp16",)] + ["--cpu"]  # no GPU here
+    args = parse_args(data_dir, argv)
+    assert args.encoder_layers == args.decoder_layers == 18
+    assert (args.dropout, args.enc_replace_rate, args.dec_replace_rate) == (0.5, 0.1, 0.1)
+    assert args.connection == "b2t" and args.update_freq == [16] and args.stop_min_lr == 1e-9
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--method", "b2t", "--depth", "18", "--gpus", "3", "--data-bin", "d", "--save-dir", "s",
+          "--dry-run"], "not a multiple of 3 worker(s)"),  # fmt: skip
+        (["train", "--method", "b2t", "--depth", "6", "--data-bin", "/nonexistent", "--save-dir", "s"],
+         "data-bin /nonexistent does not exist"),  # fmt: skip
+        (["train", "--method", "b2t", "--depth", "6", "--data-bin", "d", "--save-dir", "s", "--dry-run", "--",
+          "--connection", "pre-ln"], "use --method"),  # fmt: skip
+        (["--config-dir", "/nonexistent", "table", "--results", "."], "config /nonexistent/base.yaml does not exist"),
+        (["table", "--results", "/nonexistent.json"], "no such results file"),
+        (["evaluate", "--save-dir", "/nonexistent", "--data-bin", "d", "--refs", "r", "--out", "o.json"],
+         "save dir /nonexistent does not exist"),  # fmt: skip
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wmt_en_de: error: ") and message in err
+
+
+def test_unknown_method_from_the_shell_has_no_traceback():
+    proc = subprocess.run(
+        [str(SCRIPTS / "train.sh"), "--method", "rezero", "--depth", "6", "--data-bin", "d", "--save-dir", "s"],
+        env=cli_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'rezero'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_checks_inputs_before_decoding(toy_dirs, capsys):
+    data_bin, save_dir, raw = toy_dirs
+    base = ["evaluate", "--save-dir", str(save_dir), "--data-bin", str(data_bin), "--out", "o.json"]
+    cases = [
+        (["--years", "2014", "--refs", str(raw)], "no subset 'test2014' for 2014 (map it with --subset 2014=SUBSET"),
+        (["--years", "2014", "--subset", "2014=test"], "no reference for 2014"),
+        (["--years", "2014", "--subset", "2014=test", "--refs", str(raw)], f"reference {raw}/newstest2014.de"),
+        (["--years", "2014", "--subset", "2015=test"], "--subset/--ref given for [2015]"),
+        (["--years", "2014", "--subset", "2014", "--refs", str(raw)], "must look like YEAR=SUBSET"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+@pytest.fixture
+def toy_dirs(tmp_path):
+    data_bin, save_dir, raw = tmp_path / "bin", tmp_path / "ckpt", tmp_path / "raw"
+    for d in (data_bin, save_dir, raw):
+        d.mkdir()
+    (data_bin / "dict.src.txt").write_text("a 1\n")
+    for lang in ("src", "tgt"):
+        (data_bin / f"test.src-tgt.{lang}.idx").write_bytes(b"")
+    return data_bin, save_dir, raw
+
+
+# ------------------------------------------------------------------ table
+def _result(method, depth, bleu, **extra):
+    return {"recipe": "wmt_en_de", "method": method, "depth": depth, "scale": None, "variant": "",
+            "bleu": {str(y): b for y, b in bleu.items()}, "avg": sum(bleu.values()) / len(bleu),
+            "signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0", **extra}  # fmt: skip
+
+
+def _row(table, *starts):
+    rows = [line for line in table.splitlines() if line.startswith("| " + " | ".join(starts) + " |")]
+    assert len(rows) == 1, (starts, table)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_table_puts_ours_beside_the_published_rows(tmp_path, capsys):
+    years = range(2010, 2017)
+    full = dict(zip(years, [25.0, 22.5, 23.125, 27.0, 28.0, 30.5, 35.0]))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "b2t-18.json").write_text(json.dumps(_result("b2t", 18, full)))
+    (results / "pre-6.json").write_text(json.dumps(_result("pre-ln", 6, {2014: 26.4})))
+    (results / "unrelated.json").write_text(json.dumps({"loss": 1}))  # e.g. a fairseq log: ignored
+    out = tmp_path / "table.md"
+    assert main(["table", "--results", str(results), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert capsys.readouterr().out == table
+    lines = table.splitlines()
+    assert lines[0] == "| Method | Layers | Source | 2010 | 2011 | 2012 | 2013 | 2014 | 2015 | 2016 | Avg |"
+    ours = _row(table, "B2T", "18L-18L", "ours")
+    assert ours[3:] == ["25.00", "22.50", "23.12", "27.00", "28.00", "30.50", "35.00", f"{sum(full.values()) / 7:.2f}"]
+    assert _row(table, "Pre-LN", "18L-18L", "published: paper")[3:] == \
+        ["24.07", "21.98", "22.40", "26.28", "27.36", "29.74", "34.16", "26.57"]  # fmt: skip
+    assert _row(table, "B2T", "18L-18L", "published: authors' README re-run (current code)")[-1] == "27.52"
+    assert _row(table, "B2T", "18L-18L", "published: paper (init before the authors' change)")[-1] == "27.30"
+    assert "fails to train" in _row(table, "Post-LN", "18L-18L", "published: paper — fails to train")[2]
+    partial = _row(table, "Pre-LN", "6L-6L", "ours")
+    assert partial[3:] == ["–", "–", "–", "–", "26.40", "–", "–", "26.40†"]
+    # 6L rows before 18L ones; within a depth the published rows come first
+    assert lines.index("| " + " | ".join(partial) + " |") < lines.index("| " + " | ".join(ours) + " |")
+    assert "SacreBLEU signature (ours): nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0" in table
+    assert "authors' README" in table and "† average over the evaluated years only" in table
+
+
+def test_published_rows_live_in_the_config():
+    published = yaml.safe_load((CONFIGS / "base.yaml").read_text())["published"]
+    assert "Takase" in published["source"]
+    avgs = sorted(r["avg"] for r in published["rows"] if "avg" in r)
+    assert avgs == [26.57, 27.30, 27.52]
+    for row in published["rows"]:
+        if "bleu" in row:  # the published Avg is the mean of the seven years, to rounding
+            assert sum(row["bleu"].values()) / 7 == pytest.approx(row["avg"], abs=0.01)
+
+
+def test_table_rejects_two_results_for_one_row(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_result("b2t", 6, {2014: 1.0})))
+    with pytest.raises(RecipeError, match="two results for b2t 6L"):
+        render_table(recipe.load_results([tmp_path]), recipe.load_config())
+
+
+def test_lenpen_per_year():
+    config = recipe.load_config()
+    assert [recipe.lenpen_for(config, y) for y in range(2010, 2017)] == [1.0, 1.0, 1.0, 1.0, 0.6, 1.0, 1.0]
+
+
+# ------------------------------------------------------------------ smoke, through fairseq's real entry points
+@pytest.mark.slow
+def test_smoke_train_evaluate_table(toy_corpus, tmp_path):
+    env = cli_env(PYTHON=sys.executable)
+
+    def script(name, *args):
+        proc = subprocess.run([str(SCRIPTS / f"{name}.sh"), *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, f"{name}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    save_dir = tmp_path / "ckpt"
+    train = script("train", "--method", "b2t", "--depth", "6", "--scale", "smoke",
+                   "--data-bin", toy_corpus["data_bin"], "--save-dir", save_dir)  # fmt: skip
+    assert "--connection b2t" in train.stdout and "--update-freq 2" in train.stdout
+    assert sorted(p.name for p in save_dir.glob("checkpoint[0-9]*.pt"))[-2:]  # epoch checkpoints were saved
+
+    out = tmp_path / "results" / "b2t-6l.json"
+    script("evaluate", "--scale", "smoke", "--save-dir", save_dir, "--data-bin", toy_corpus["data_bin"],
+           "--years", "2014", "--subset", "2014=test", "--ref", f"2014={toy_corpus['raw'] / 'test.tgt'}",
+           "--out", out)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert (result["method"], result["depth"], result["scale"]) == ("b2t", 6, "smoke")
+    assert result["years"]["2014"]["lenpen"] == 0.6 and result["years"]["2014"]["n"] == 100
+    assert len(result["averaged"]) == 2 and result["checkpoint"].endswith("averaged_last2.pt")
+    assert "tok:13a" in result["signature"]
+
+    # the JSON holds the score of what the decoder really produced: rescore its hypotheses independently
+    from sacrebleu.metrics import BLEU
+
+    hyps = (out.parent / "b2t-6l.work" / "hyp-2014.detok.txt").read_text(encoding="utf-8").splitlines()
+    gen = (out.parent / "b2t-6l.work" / "generate-2014.txt").read_text(encoding="utf-8")
+    assert len(hyps) == 100 == len(re.findall(r"^H-\d+\t", gen, flags=re.M))
+    refs = (toy_corpus["raw"] / "test.tgt").read_text(encoding="utf-8").splitlines()
+    assert BLEU().corpus_score(hyps, [refs]).score == pytest.approx(result["bleu"]["2014"])
+
+    table_md = tmp_path / "table.md"
+    script("table", "--results", out.parent, "--out", table_md)
+    table = table_md.read_text()
+    assert table.splitlines()[0] == "| Method | Layers | Source | 2010 | 2011 | 2012 | 2013 | 2014 | 2015 | 2016 | Avg |"
+    row = _row(table, "B2T", "6L-6L", "ours, scale smoke")
+    assert row[3:] == ["–"] * 4 + [f"{result['bleu']['2014']:.2f}"] + ["–"] * 2 + [f"{result['avg']:.2f}†"]
+    assert f"SacreBLEU signature (ours): {result['signature']}" in table
+
+
+def test_row_comes_from_the_checkpoint_without_recipe_json(tmp_path):
+    """A save dir trained by hand (no recipe.json) is labelled from the model options fairseq stored."""
+    import argparse
+
+    state = {"cfg": {"model": argparse.Namespace(connection="pre-ln", encoder_layers=18)}}
+    facts = recipe._recipe_facts(tmp_path, state)
+    assert (facts["method"], facts["depth"]) == ("pre-ln", 18)
+    (tmp_path / "recipe.json").write_text(json.dumps({"method": "b2t", "depth": 6, "scale": "smoke", "extra": []}))
+    assert recipe._recipe_facts(tmp_path, state)["method"] == "b2t"
