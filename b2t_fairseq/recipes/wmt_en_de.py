@@ -11,8 +11,6 @@ only combines them. Every method gets the same flags; --method only sets --conne
 """
 import argparse
 import json
-import math
-import os
 import shlex
 import subprocess
 import sys
