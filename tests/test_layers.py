@@ -326,24 +326,11 @@ def _stock_equivalence(data_dir, ours_argv, stock_argv, task, inputs):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [["--encoder-layers", "3", "--decoder-layers", "2"],
+                                   ["--encoder-layers", "2", "--decoder-layers", "2", "--share-all-embeddings"]])
 @pytest.mark.parametrize("connection", ["post-ln", "pre-ln"])
-def test_baselines_equal_fairseq_stock_transformer(data_dir, connection):
-    common = ["--encoder-layers", "3", "--decoder-layers", "2", *DIMS]
-    stock = ["--arch", "transformer", *common]
-    if connection == "pre-ln":
-        stock += ["--encoder-normalize-before", "--decoder-normalize-before"]
-    _stock_equivalence(
-        data_dir,
-        ["--arch", "transformer_b2t", "--connection", connection, *common],
-        stock,
-        "translation",
-        lambda tk: batch(tk.source_dictionary),
-    )
-
-
-@pytest.mark.parametrize("connection", ["post-ln", "pre-ln"])
-def test_baselines_equal_fairseq_stock_transformer_with_shared_embeddings(data_dir, connection):
-    common = ["--encoder-layers", "2", "--decoder-layers", "2", "--share-all-embeddings", *DIMS]
+def test_baselines_equal_fairseq_stock_transformer(data_dir, connection, shape):
+    common = [*shape, *DIMS]
     stock = ["--arch", "transformer", *common]
     if connection == "pre-ln":
         stock += ["--encoder-normalize-before", "--decoder-normalize-before"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.tools.pipeline import as_flags
+from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PROG = "wmt_en_de"
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -279,7 +279,7 @@ def score_file(generate_output, reference, ev, hyp_output):
         raise RecipeError(f"no H-<id> lines in {generate_output}")
     hyps = [scorer.postprocess(h, ev["remove_bpe"], ev.get("detok_lang")) for h in raw]
     Path(hyp_output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    refs = scorer._read_lines(str(reference))
+    refs = scorer.read_lines(str(reference))
     return scorer.score(hyps, refs, ev.get("tokenize", "13a"))
 
 
@@ -503,11 +503,7 @@ def build_parser():
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -36,6 +36,15 @@ def as_flags(options):
     return flags
 
 
+def split_passthrough(argv):
+    """Split ``ours -- fairseq-train flags`` into the two lists."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def find_corpus(data, src=None, tgt=None):
     """Files ``{data}{split}.{lang}``; ``data`` is a directory or a path prefix such as ``corpus/news-``."""
     prefix = str(data) + ("/" if Path(data).is_dir() and not str(data).endswith("/") else "")
@@ -201,11 +210,7 @@ def run_pipeline(config, work, data=None, src=None, tgt=None, extra=()):
 
 
 def cli_main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="b2t-pipeline", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -77,7 +77,7 @@ def score(hyps, refs, tokenize="13a", lowercase=False):
     }
 
 
-def _read_lines(path):
+def read_lines(path):
     # newline="\n": only \n ends a line, so a stray \r inside a sentence cannot shift the alignment.
     if path == "-":
         f = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
@@ -106,11 +106,11 @@ def cli_main(argv=None):
     if args.generate_output == "-" and sys.stdin.isatty():
         parser.error("pipe fairseq-generate output into stdin or pass --generate-output FILE")
     try:
-        raw_hyps = read_hypotheses(_read_lines(args.generate_output))
+        raw_hyps = read_hypotheses(read_lines(args.generate_output))
         if not raw_hyps:
             raise B2TConfigError(f"no H-<id> lines in {args.generate_output}; is it fairseq-generate output?")
         hyps = [postprocess(h, args.remove_bpe, args.detok_lang) for h in raw_hyps]
-        result = score(hyps, _read_lines(args.ref), args.tokenize, args.lowercase)
+        result = score(hyps, read_lines(args.ref), args.tokenize, args.lowercase)
         if args.output_hyp:
             with open(args.output_hyp, "w", encoding="utf-8") as f:
                 f.writelines(h + "\n" for h in hyps)
