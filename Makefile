@@ -14,7 +14,7 @@ TORCH  := torch==2.13.0
 FAIRSEQ := fairseq-fixed==0.12.3.1
 # fairseq's remaining dependencies, then ours (setup.py), then test/plot tools.
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
-          'sacrebleu>=2.0' sentencepiece sacremoses matplotlib pytest
+          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 matplotlib pytest
 
 DATA ?=
 SRC  ?=

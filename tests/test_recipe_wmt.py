@@ -301,7 +301,7 @@ def test_row_comes_from_the_checkpoint_without_recipe_json(tmp_path):
     import argparse
 
     state = {"cfg": {"model": argparse.Namespace(connection="pre-ln", encoder_layers=18)}}
-    facts = recipe._recipe_facts(tmp_path, state)
+    facts = recipe.recipe_facts(tmp_path, state)
     assert (facts["method"], facts["depth"]) == ("pre-ln", 18)
     (tmp_path / "recipe.json").write_text(json.dumps({"method": "b2t", "depth": 6, "scale": "smoke", "extra": []}))
-    assert recipe._recipe_facts(tmp_path, state)["method"] == "b2t"
+    assert recipe.recipe_facts(tmp_path, state)["method"] == "b2t"

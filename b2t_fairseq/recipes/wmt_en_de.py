@@ -16,100 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.recipes.common import (
+    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, average, check_data_bin, check_extra, default_config_dir,
+    load_config as _load_config, load_results as _load_results, recipe_facts, subset_pairs, update_freq,
+    write_recipe_facts,
+)  # fmt: skip
 from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PROG = "wmt_en_de"
-PLUGIN_DIR = Path(__file__).resolve().parents[1]
-# configs/ sits beside the package in the repository; an installed copy has none, so fall back to the cwd's.
-DEFAULT_CONFIG_DIR = next(
-    (d for d in (PLUGIN_DIR.parent / "configs" / "wmt_en_de", Path("configs") / "wmt_en_de") if d.is_dir()),
-    PLUGIN_DIR.parent / "configs" / "wmt_en_de",
-)
-METHODS = ("post-ln", "pre-ln", "b2t")  # table order: baselines first
+DEFAULT_CONFIG_DIR = default_config_dir("wmt_en_de")
 DEPTHS = (6, 18, 100)
-METHOD_NAMES = {"post-ln": "Post-LN", "pre-ln": "Pre-LN", "b2t": "B2T"}
-RECIPE_FILE = "recipe.json"  # written by `train` into the save dir, so `evaluate` knows which row it scores
-# Set by the recipe itself; changing them through `-- extra` would break the identical-settings or token-budget
-# guarantees, so they are refused there with the option to use instead.
-RESERVED_EXTRA = {
-    "--connection": "--method",
-    "--residual-bottom-to-top": "--method",
-    "--arch": "--depth (or the depth's config file)",
-    "-a": "--depth (or the depth's config file)",
-    "--update-freq": "--gpus (update-freq is derived from it)",
-    "--max-tokens": "--max-tokens of this recipe",
-    "--distributed-world-size": "--gpus",
-    "--save-dir": "--save-dir of this recipe",
-    "--user-dir": "nothing (the recipe sets it)",
-}
-
-
-class RecipeError(Exception):
-    pass
-
-
-# ------------------------------------------------------------------ configuration
-def merge(base, override):
-    """Recursive dict merge; ``None`` in ``override`` deletes the key, so an override can drop a base flag."""
-    out = dict(base)
-    for key, value in (override or {}).items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(path):
-    if not path.is_file():
-        raise RecipeError(f"config {path} does not exist (pass --config-dir DIR holding base.yaml, 6l.yaml, ...)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"config {path} must be a mapping, not {type(data).__name__}")
-    return data or {}
-
-
-def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
-    config_dir = Path(config_dir)
-    config = _read_yaml(config_dir / "base.yaml")
-    if depth is not None:
-        config = merge(config, _read_yaml(config_dir / f"{depth}l.yaml"))
-    if scale is not None:
-        config = merge(config, _read_yaml(config_dir / f"{scale}.yaml"))
-    for key in ("train", "tokens_per_update", "evaluate"):
-        if key not in config:
-            raise RecipeError(f"config in {config_dir} has no '{key}' entry")
-    return config
-
-
-# ------------------------------------------------------------------ train
-def update_freq(tokens_per_update, max_tokens, workers):
-    """update-freq with workers x max_tokens x update-freq == tokens_per_update, or RecipeError saying why not."""
-    per_step = workers * max_tokens
-    if tokens_per_update % per_step:
-        lo = tokens_per_update // per_step
-        options = [f"update-freq {f} would give {f * per_step:,}" for f in (lo, lo + 1) if f > 0]
-        raise RecipeError(
-            f"{tokens_per_update:,} tokens per update is not a multiple of {workers} worker(s) x {max_tokens} "
-            f"max-tokens = {per_step:,} ({'; '.join(options)} tokens per update); use a GPU count or --max-tokens "
-            f"that divides {tokens_per_update:,}"
-        )
-    return tokens_per_update // per_step
-
-
-def _check_extra(extra):
-    for arg in extra:
-        name = arg.split("=", 1)[0]
-        if name in RESERVED_EXTRA:
-            raise RecipeError(f"{name} cannot be passed to fairseq-train here; use {RESERVED_EXTRA[name]}")
 
 
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
@@ -124,7 +41,7 @@ def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, ext
     if scale is not None and gpus > 0:
         raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
     extra = list(extra)
-    _check_extra(extra)
+    check_extra(extra)
     config = load_config(config_dir, int(depth), scale)
     train = dict(config["train"])
     if max_tokens is not None:
@@ -162,17 +79,6 @@ def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, ext
     return cmd, info
 
 
-def _check_data_bin(data_bin, subsets=("train", "valid")):
-    data_bin = Path(data_bin)
-    if not data_bin.is_dir():
-        raise RecipeError(f"data-bin {data_bin} does not exist (binarize with fairseq-preprocess --joined-dictionary)")
-    if not list(data_bin.glob("dict.*.txt")):
-        raise RecipeError(f"{data_bin} has no dict.*.txt; is it a fairseq-preprocess output directory?")
-    for subset in subsets:
-        if not subset_pairs(data_bin, subset):
-            raise RecipeError(f"{data_bin} has no '{subset}' subset ({subset}.SRC-TGT.SRC.idx/.bin)")
-
-
 def cmd_train(args, extra):
     cmd, info = build_train_command(
         args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra, args.max_tokens,
@@ -181,36 +87,13 @@ def cmd_train(args, extra):
     if args.dry_run:
         print(info["command"])
         return 0
-    _check_data_bin(args.data_bin)
-    save_dir = Path(args.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path = save_dir / RECIPE_FILE
-    if recipe_path.is_file():
-        # Resuming is fine (fairseq continues from checkpoint_last.pt), mixing two rows in one directory is not.
-        old = json.loads(recipe_path.read_text())
-        if (old.get("method"), old.get("depth"), old.get("scale")) != (info["method"], info["depth"], info["scale"]):
-            raise RecipeError(
-                f"{save_dir} holds a {old.get('method')} {old.get('depth')}L run (scale {old.get('scale')}); "
-                "use another --save-dir"
-            )
-    recipe_path.write_text(json.dumps(info, indent=2) + "\n")
+    check_data_bin(args.data_bin)
+    write_recipe_facts(args.save_dir, info)
     print("+", info["command"], flush=True)
     return subprocess.run(cmd).returncode
 
 
 # ------------------------------------------------------------------ evaluate
-def subset_pairs(data_bin, subset):
-    """Language pairs (src, tgt) for which ``subset`` is binarized in ``data_bin``."""
-    pairs = set()
-    for path in Path(data_bin).glob(f"{subset}.*-*.*.idx"):
-        rest = path.name[len(subset) + 1 : -len(".idx")]
-        pair, _, lang = rest.rpartition(".")
-        src, _, tgt = pair.partition("-")
-        if src and tgt and lang in (src, tgt):
-            pairs.add((src, tgt))
-    return pairs
-
-
 def _parse_mapping(items, what):
     mapping = {}
     for item in items or ():
@@ -224,37 +107,6 @@ def _parse_mapping(items, what):
 def lenpen_for(config, year):
     table = config["evaluate"]["lenpen"]
     return float(table.get(year, table.get(str(year), table["default"])))
-
-
-def _recipe_facts(save_dir, checkpoint_state):
-    """method/depth/scale of the run: recipe.json from `train`, else what the checkpoint's model says."""
-    path = Path(save_dir) / RECIPE_FILE
-    if path.is_file():
-        facts = json.loads(path.read_text())
-        return {k: facts.get(k) for k in ("method", "depth", "scale", "extra")}
-    cfg = checkpoint_state.get("cfg") or {}
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    model = model if model is not None else checkpoint_state.get("args")
-    get = (lambda k: model.get(k)) if isinstance(model, dict) else (lambda k: getattr(model, k, None))
-    return {"method": get("connection"), "depth": get("encoder_layers"), "scale": None, "extra": []}
-
-
-def average(save_dir, n):
-    """The averaged checkpoint of the last ``n`` epochs (reused when it is newer than all of them)."""
-    import torch
-
-    from b2t_fairseq.tools.average_checkpoints import average_checkpoints, select_checkpoints
-
-    inputs = select_checkpoints(save_dir, num_epoch_checkpoints=n)
-    output = Path(save_dir) / f"averaged_last{n}.pt"
-    if output.is_file() and output.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
-        from b2t_fairseq.checkpoint_compat import load_checkpoint
-
-        return output, inputs, load_checkpoint(output)
-    print(f"averaging {len(inputs)} checkpoints: {', '.join(p.name for p in inputs)}", flush=True)
-    state = average_checkpoints(inputs)
-    torch.save(state, output)
-    return output, inputs, state
 
 
 def generate(data_bin, checkpoint, subset, src, tgt, lenpen, flags, cpu, output):
@@ -293,7 +145,7 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
     data_bin, save_dir, out = Path(data_bin), Path(save_dir), Path(out)
     if not save_dir.is_dir():
         raise RecipeError(f"save dir {save_dir} does not exist")
-    _check_data_bin(data_bin, subsets=())
+    check_data_bin(data_bin, subsets=())
 
     stray = sorted((set(subset_map) | set(ref_map)) - set(years))
     if stray:
@@ -324,7 +176,7 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
         checkpoint, inputs, state = average(save_dir, n)
     except B2TConfigError as e:
         raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
-    facts = _recipe_facts(save_dir, state)
+    facts = recipe_facts(save_dir, state)
     del state
     if cpu is None:
         import torch
@@ -375,31 +227,12 @@ def cmd_evaluate(args, extra):
 
 
 # ------------------------------------------------------------------ table
+def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
+    return _load_config(config_dir, depth, scale)
+
+
 def load_results(paths):
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*.json") if p.name != RECIPE_FILE)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise RecipeError(f"no such results file or directory: {path}")
-    results = []
-    for path in files:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{path} is not JSON: {e}") from None
-        if not isinstance(data, dict) or data.get("recipe") != PROG:
-            continue  # directories may hold other JSON (fairseq logs, other recipes)
-        missing = [k for k in ("method", "depth", "bleu", "avg", "signature") if data.get(k) is None]
-        if missing:
-            raise RecipeError(f"{path} lacks {', '.join(missing)}; was it written by `{PROG} evaluate`?")
-        data["_path"] = str(path)
-        results.append(data)
-    if not results:
-        raise RecipeError(f"no {PROG} evaluate results (JSON with \"recipe\": \"{PROG}\") in {', '.join(map(str, paths))}")
-    return results
+    return _load_results(paths, PROG, ("method", "depth", "bleu", "avg", "signature"))
 
 
 def _fmt(value):
