@@ -252,28 +252,67 @@ def test_lenpen_per_year():
 
 
 # ------------------------------------------------------------------ smoke, through fairseq's real entry points
-@pytest.mark.slow
-def test_smoke_train_evaluate_table(toy_corpus, tmp_path):
-    env = cli_env(PYTHON=sys.executable)
+def _fake_release(root, n_train=600, n_test=100):
+    """A directory in the layout of Google's WMT'16 release, holding the real WMT sample when it is present.
 
-    def script(name, *args):
-        proc = subprocess.run([str(SCRIPTS / f"{name}.sh"), *map(str, args)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, f"{name}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        return proc
+    The sample is Moses-tokenized without BPE, so these "bpe" files are word-level; the smoke scale removes no BPE
+    and detokenizes nothing, and the references are the sample's tokenized newstest2014 lines."""
+    from conftest import SHARED_DATA
+
+    sample = SHARED_DATA / "wmt_ende_opennmt10k"
+    release, refs = root / "release", root / "raw-refs"
+    release.mkdir()
+    refs.mkdir()
+    if sample.is_dir():
+        read = lambda split, lang: (sample / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()  # noqa: E731
+        source = "real WMT sample"
+    else:
+        from b2t_fairseq import toy_data
+
+        toy_data.write_corpus(root / "toy", n_train=n_train, n_valid=n_test, n_test=n_test, seed=1)
+        lang_of = {"en": "src", "de": "tgt"}
+        read = lambda split, lang: (root / "toy" / f"{split}.{lang_of[lang]}").read_text().splitlines()  # noqa: E731
+        source = "generated toy corpus"
+    for lang in ("en", "de"):
+        for split, name, n in (("train", "train.tok.clean.bpe.32000", n_train), ("valid", "newstest2013.tok.bpe.32000",
+                               n_test), ("test", "newstest2014.tok.bpe.32000", n_test)):  # fmt: skip
+            (release / f"{name}.{lang}").write_text("\n".join(read(split, lang)[:n]) + "\n", encoding="utf-8")
+    (refs / "newstest2014.de").write_text("\n".join(read("test", "de")[:n_test]) + "\n", encoding="utf-8")
+    return release, refs, source
+
+
+def _script(name, *args, cwd):
+    proc = subprocess.run([str(SCRIPTS / f"{name}.sh"), *map(str, args)], cwd=cwd, env=cli_env(PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"{name}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_smoke_prepare_train_evaluate_table(tmp_path):
+    """The four scripts end to end at smoke scale: release -> data-bin -> fairseq-train -> average -> generate ->
+    SacreBLEU JSON -> table, on the real WMT sample when ../shared/data has it (else the generated corpus)."""
+    release, raw_refs, source = _fake_release(tmp_path)
+    prepared = tmp_path / "wmt16"
+    prep = _script("prepare", "--out", prepared, "--release", release, "--refs", raw_refs, "--years", "2014",
+                   cwd=tmp_path)  # fmt: skip
+    data_bin = prepared / "data-bin"
+    assert "--validpref" in prep.stdout and "newstest2013.tok.bpe.32000" in prep.stdout
+    assert subsets_of(data_bin) == {"train", "valid", "test2014"}, source
+    assert (prepared / "refs" / "newstest2014.de").read_text() == (raw_refs / "newstest2014.de").read_text()
 
     save_dir = tmp_path / "ckpt"
-    train = script("train", "--method", "b2t", "--depth", "6", "--scale", "smoke",
-                   "--data-bin", toy_corpus["data_bin"], "--save-dir", save_dir)  # fmt: skip
+    train = _script("train", "--method", "b2t", "--depth", "6", "--scale", "smoke",
+                    "--data-bin", data_bin, "--save-dir", save_dir, cwd=tmp_path)  # fmt: skip
     assert "--connection b2t" in train.stdout and "--update-freq 2" in train.stdout
-    assert sorted(p.name for p in save_dir.glob("checkpoint[0-9]*.pt"))[-2:]  # epoch checkpoints were saved
+    assert len(list(save_dir.glob("checkpoint[0-9]*.pt"))) >= 2  # epoch checkpoints to average
 
     out = tmp_path / "results" / "b2t-6l.json"
-    script("evaluate", "--scale", "smoke", "--save-dir", save_dir, "--data-bin", toy_corpus["data_bin"],
-           "--years", "2014", "--subset", "2014=test", "--ref", f"2014={toy_corpus['raw'] / 'test.tgt'}",
-           "--out", out)  # fmt: skip
+    _script("evaluate", "--scale", "smoke", "--save-dir", save_dir, "--data-bin", data_bin,
+            "--refs", prepared / "refs", "--years", "2014", "--out", out, cwd=tmp_path)  # fmt: skip
     result = json.loads(out.read_text())
     assert (result["method"], result["depth"], result["scale"]) == ("b2t", 6, "smoke")
+    assert result["years"]["2014"]["subset"] == "test2014"
     assert result["years"]["2014"]["lenpen"] == 0.6 and result["years"]["2014"]["n"] == 100
     assert len(result["averaged"]) == 2 and result["checkpoint"].endswith("averaged_last2.pt")
     assert "tok:13a" in result["signature"]
@@ -284,16 +323,95 @@ def test_smoke_train_evaluate_table(toy_corpus, tmp_path):
     hyps = (out.parent / "b2t-6l.work" / "hyp-2014.detok.txt").read_text(encoding="utf-8").splitlines()
     gen = (out.parent / "b2t-6l.work" / "generate-2014.txt").read_text(encoding="utf-8")
     assert len(hyps) == 100 == len(re.findall(r"^H-\d+\t", gen, flags=re.M))
-    refs = (toy_corpus["raw"] / "test.tgt").read_text(encoding="utf-8").splitlines()
+    refs = (raw_refs / "newstest2014.de").read_text(encoding="utf-8").splitlines()
     assert BLEU().corpus_score(hyps, [refs]).score == pytest.approx(result["bleu"]["2014"])
 
     table_md = tmp_path / "table.md"
-    script("table", "--results", out.parent, "--out", table_md)
+    _script("table", "--results", out.parent, "--out", table_md, cwd=tmp_path)
     table = table_md.read_text()
     assert table.splitlines()[0] == "| Method | Layers | Source | 2010 | 2011 | 2012 | 2013 | 2014 | 2015 | 2016 | Avg |"
     row = _row(table, "B2T", "6L-6L", "ours, scale smoke")
     assert row[3:] == ["–"] * 4 + [f"{result['bleu']['2014']:.2f}"] + ["–"] * 2 + [f"{result['avg']:.2f}†"]
     assert f"SacreBLEU signature (ours): {result['signature']}" in table
+
+
+def subsets_of(data_bin):
+    return {p.name.split(".")[0] for p in data_bin.glob("*.en-de.en.idx")}
+
+
+# ------------------------------------------------------------------ prepare: bad input and the download path
+@pytest.fixture
+def release_dirs(tmp_path):
+    release, refs, _ = _fake_release(tmp_path, n_train=20, n_test=5)
+    return release, refs
+
+
+def test_prepare_checks_inputs_before_writing(release_dirs, tmp_path, capsys):
+    release, refs = release_dirs
+    out = tmp_path / "out"
+    base = ["prepare", "--out", str(out), "--years", "2014"]
+    cases = [
+        (["--refs", str(refs)], "exactly one of --release DIR, --archive FILE, --download"),
+        (["--release", str(release), "--archive", "a.tgz", "--refs", str(refs)], "exactly one of --release"),
+        (["--release", str(release)], "exactly one of --refs DIR or --fetch-refs"),
+        (["--release", str(release), "--refs", str(refs), "--years", "2015"],
+         f"missing raw references: {refs}/newstest2015.de"),  # fmt: skip
+        (["--release", str(tmp_path), "--refs", str(refs), "--years", "2016"], "missing raw references"),
+        (["--archive", str(tmp_path / "none.tar.gz"), "--refs", str(refs)], "archive"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (out / "data-bin").exists()
+
+
+def test_prepare_names_missing_release_files_and_bad_references(release_dirs, tmp_path, capsys):
+    release, refs = release_dirs
+    (release / "newstest2013.tok.bpe.32000.de").unlink()  # the validation set
+    with pytest.raises(SystemExit):
+        main(["prepare", "--out", str(tmp_path / "o"), "--release", str(release), "--refs", str(refs),
+              "--years", "2014"])  # fmt: skip
+    assert "lacks newstest2013.tok.bpe.32000.de" in capsys.readouterr().err
+    (release / "newstest2013.tok.bpe.32000.de").write_text("x\n" * 5)
+    with open(refs / "newstest2014.de", "a") as f:  # 6 references for 5 sources: e.g. the filtered newstest2014
+        f.write("one more\n")
+    with pytest.raises(SystemExit):
+        main(["prepare", "--out", str(tmp_path / "o"), "--release", str(release), "--refs", str(refs),
+              "--years", "2014"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "2014: 6 reference lines but 5 source lines" in err and "wmt14/full" in err
+    assert not (tmp_path / "o" / "refs" / "newstest2014.de").exists()  # not left behind as if it were good
+
+
+def test_prepare_downloads_and_extracts_the_archive(release_dirs, tmp_path):
+    """--download fetches the config's URL (a file:// URL here: no network in tests) and finds the nested release."""
+    import tarfile
+
+    release, refs = release_dirs
+    archive = tmp_path / "wmt16_en_de.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(release, arcname="wmt16_en_de")  # the real tarball nests its files one level down too
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    config = yaml.safe_load((CONFIGS / "base.yaml").read_text())
+    config["prepare"]["download_url"] = archive.as_uri()
+    (config_dir / "base.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    manifest = recipe.prepare(out, download=True, refs=refs, years=[2014], config_dir=config_dir)
+    assert (out / "wmt16_en_de.tar.gz").read_bytes() == archive.read_bytes()
+    assert manifest["release"] == str(out / "release" / "wmt16_en_de")
+    assert subsets_of(out / "data-bin") == {"train", "valid", "test2014"}
+    stamp = (out / "data-bin" / "dict.en.txt").stat().st_mtime_ns
+    recipe.prepare(out, download=True, refs=refs, years=[2014], config_dir=config_dir)  # rerun: nothing redone
+    assert (out / "data-bin" / "dict.en.txt").stat().st_mtime_ns == stamp
+
+    config["prepare"]["download_url"] = (tmp_path / "gone.tar.gz").as_uri()
+    (config_dir / "base.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(RecipeError, match="could not download .*pass --archive"):
+        recipe.prepare(tmp_path / "out2", download=True, refs=refs, years=[2014], config_dir=config_dir)
+    assert not list((tmp_path / "out2").glob("*.part"))
 
 
 def test_row_comes_from_the_checkpoint_without_recipe_json(tmp_path):

@@ -202,5 +202,6 @@ def load_results(paths, recipe, required):
         data["_path"] = str(path)
         results.append(data)
     if not results:
-        raise RecipeError(f"no {recipe} evaluate results (JSON with \"recipe\": \"{recipe}\") in {', '.join(map(str, paths))}")
+        where = ", ".join(map(str, paths))
+        raise RecipeError(f'no {recipe} evaluate results (JSON with "recipe": "{recipe}") in {where}')
     return results
