@@ -66,12 +66,12 @@ def find_corpus(data, src=None, tgt=None):
     return prefix, src, tgt
 
 
-def _run(cmd, log=None):
+def _run(cmd, log=None, append=False):
     print("+", " ".join(map(str, cmd)), flush=True)
     if log is None:
         result = subprocess.run(list(map(str, cmd)))
     else:
-        with open(log, "w") as out:
+        with open(log, "a" if append else "w") as out:
             result = subprocess.run(list(map(str, cmd)), stdout=out)
     if result.returncode != 0:
         raise PipelineError(f"{cmd[2] if cmd[1] == '-m' else cmd[0]} failed with exit code {result.returncode}")
@@ -136,13 +136,16 @@ def preprocess(work, prefix, src, tgt):
     return data_bin
 
 
-def train(work, data_bin, options, extra):
+def train(work, data_bin, options, extra, log=None):
+    """fairseq-train into ``work``/checkpoints; ``log`` captures its stdout (where fairseq logs, e.g. json lines)."""
     save_dir = work / "checkpoints"
     _run(
         _python_m(
             "fairseq_cli.train", data_bin, "--user-dir", PLUGIN_DIR, "--save-dir", save_dir,
             *as_flags(options), *extra,
-        )  # fmt: skip
+        ),  # fmt: skip
+        log=log,
+        append=True,  # a resumed run adds to its log instead of erasing the first part
     )
     return save_dir
 

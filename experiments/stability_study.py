@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""CPU-scale stability study of the B2T paper's claims (issue 4), results written under docs/stability/.
+
+    python experiments/stability_study.py --work study-out --stages data train deep100 grad-norms report
+    python experiments/stability_study.py --work study-out --stages train --methods b2t --seeds 1 2
+
+Stages (each skips what it already finished, so a rerun after an interruption continues):
+  data        the real WMT sample in ../shared/data (10k pairs) -> joint sentencepiece 8k -> data-bin
+  train       18L-18L, width 64, post-ln / pre-ln / b2t x seeds, identical flags (configs/study/
+              wmt_sample_18l.yaml): json training log, last checkpoint, beam-4 BLEU on 1000 test lines
+  deep100     100L-100L b2t at width 64 for 300 updates (configs/study/deep100_tiny.yaml): finite, falling loss?
+  grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, three connections,
+              several seeds (b2t-grad-norms); figure + lowest/highest layer ratio table
+  report      loss-curve figure (b2t-loss-curves), docs/stability/results.json and the tables of the docs page
+
+The numbers come from whatever this machine produces; nothing is filled in by hand.
+"""
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from b2t_fairseq.tools import pipeline  # noqa: E402
+
+SAMPLE = REPO.parent / "shared" / "data" / "wmt_ende_opennmt10k"
+CONFIGS = REPO / "configs" / "study"
+DOCS = REPO / "docs" / "stability"
+METHODS = ("post-ln", "pre-ln", "b2t")
+STAGES = ("data", "train", "deep100", "grad-norms", "report")
+
+
+class StudyError(Exception):
+    pass
+
+
+def _config(name):
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def _python_m(module, *args):
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def _run(cmd, log=None):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    out = open(log, "w") if log else None
+    try:
+        result = subprocess.run(list(map(str, cmd)), stdout=out)
+    finally:
+        if out:
+            out.close()
+    if result.returncode != 0:
+        raise StudyError(f"{' '.join(map(str, cmd[:3]))} failed with exit code {result.returncode}")
+
+
+# ------------------------------------------------------------------ data
+def stage_data(work):
+    """Corpus files cut from the sample, sentencepiece, binarization; returns the data-bin and raw test refs."""
+    if not SAMPLE.is_dir():
+        raise StudyError(f"the real WMT sample {SAMPLE} is not here; the study needs it (../shared/data)")
+    spec = _config("wmt_sample_18l.yaml")["corpus"]
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    limits = {"train": None, "valid": spec["valid_lines"], "test": spec["test_lines"]}
+    for split, n in limits.items():
+        for lang in ("en", "de"):
+            target = corpus / f"{split}.{lang}"
+            if not target.is_file():
+                lines = (SAMPLE / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)
+                target.write_text("".join(lines[:n]), encoding="utf-8")
+    prefix, src, tgt = pipeline.prepare_sentencepiece(work, f"{corpus}/", "en", "de", spec["sentencepiece"])
+    data_bin = pipeline.preprocess(work, prefix, src, tgt)
+    return data_bin, corpus / "test.de"
+
+
+# ------------------------------------------------------------------ train
+def _train_points(log):
+    """(update, loss) of the train_inner lines and (update, loss) of the valid lines of a fairseq json log."""
+    train, valid = [], []
+    for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines():
+        for tag, points in (("| train_inner | ", train), ("| valid | ", valid)):
+            if tag in line:
+                rec = json.loads(line.split(tag, 1)[1])
+                update = rec.get("num_updates", rec.get("valid_num_updates"))
+                loss = rec.get("loss", rec.get("valid_loss"))
+                points.append((int(float(update)), float(loss)))
+    return train, valid
+
+
+def _finite(x):
+    return x is not None and math.isfinite(x)
+
+
+def train_one(work, data_bin, reference, method, seed, config):
+    run = work / f"18l-{method}-seed{seed}"
+    done = run / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / "train.log"
+    started = datetime.datetime.now()
+    try:
+        save_dir = pipeline.train(run, data_bin, config["train"], ["--connection", method, "--seed", str(seed)], log=log)
+        failed = None
+    except pipeline.PipelineError as e:  # a diverging run (NaN loss, overflow) is a result, not a crash of the study
+        save_dir, failed = run / "checkpoints", str(e)
+    minutes = (datetime.datetime.now() - started).total_seconds() / 60
+    train_pts, valid_pts = _train_points(log)
+    result = {"method": method, "seed": seed, "train_minutes": round(minutes, 1), "failed": failed,
+              "final_train_loss": train_pts[-1][1] if train_pts else None,
+              "final_valid_loss": valid_pts[-1][1] if valid_pts else None,
+              "best_valid_loss": min((v for _, v in valid_pts), default=None),
+              "updates": train_pts[-1][0] if train_pts else 0, "log": str(log)}  # fmt: skip
+    if failed is None and (save_dir / "checkpoint_last.pt").is_file():
+        last = config.get("average_last_epochs")
+        checkpoint = pipeline.average(save_dir, last) if last else save_dir / "checkpoint_last.pt"
+        generated = pipeline.generate(run, data_bin, checkpoint, config["generate"])
+        score = pipeline.score(run, generated, reference, "sentencepiece")
+        result.update(bleu=score["bleu"], bleu_n=score["n"], signature=score["signature"], checkpoint=str(checkpoint))
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def stage_train(work, methods, seeds):
+    data_bin, reference = stage_data(work)
+    config = _config("wmt_sample_18l.yaml")
+    return [train_one(work, data_bin, reference, m, s, config) for s in seeds for m in methods]
+
+
+# ------------------------------------------------------------------ deep100
+def stage_deep100(work):
+    data_bin, _ = stage_data(work)
+    run = work / "100l-b2t"
+    done = run / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    config = _config("deep100_tiny.yaml")
+    started = datetime.datetime.now()
+    failed = None
+    try:
+        pipeline.train(run, data_bin, config["train"], ["--connection", "b2t", "--seed", "1"], log=run / "train.log")
+    except pipeline.PipelineError as e:
+        failed = str(e)
+    train_pts, valid_pts = _train_points(run / "train.log")
+    losses = [v for _, v in train_pts]
+    result = {"method": "b2t", "layers": 100, "failed": failed, "updates": train_pts[-1][0] if train_pts else 0,
+              "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+              "all_finite": bool(losses) and all(map(_finite, losses)),
+              "valid": valid_pts, "train_minutes": round((datetime.datetime.now() - started).total_seconds() / 60, 1),
+              "log": str(run / "train.log")}  # fmt: skip
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ------------------------------------------------------------------ grad-norms
+GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads)
+    "6L-d512": (6, 512, 2048, 8),
+    "18L-d512": (18, 512, 2048, 8),
+    "6L-d128": (6, 128, 512, 4),
+    "18L-d128": (18, 128, 512, 4),
+}
+
+
+def stage_grad_norms(work, seeds, batches):
+    data_bin, _ = stage_data(work)
+    out = work / "grad-norms"
+    out.mkdir(parents=True, exist_ok=True)
+    produced = {}
+    for name, (layers, dim, ffn, heads) in GRAD_SETTINGS.items():
+        csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
+        if not csv_path.is_file():
+            _run(_python_m(
+                "b2t_fairseq.analysis.grad_norms", "--data-bin", data_bin, "--connections", *METHODS,
+                "--seeds", *seeds, "--num-batches", batches, "--max-tokens", 4096,
+                "--out-csv", csv_path, "--out-png", png_path, "--title", f"{name}, at initialization", "--",
+                "--arch", "transformer_b2t", "--encoder-layers", layers, "--decoder-layers", layers,
+                "--encoder-embed-dim", dim, "--decoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn,
+                "--decoder-ffn-embed-dim", ffn, "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
+                "--share-all-embeddings", "--dropout", "0.0", "--criterion", "label_smoothed_cross_entropy",
+                "--label-smoothing", "0.1",
+            ))  # fmt: skip
+        produced[name] = (csv_path, png_path)
+    return produced
+
+
+def grad_ratio_table(produced):
+    """Lowest-layer / highest-layer norm of the parameter gradients per stack, mean and range over seeds."""
+    rows = []
+    for name, (csv_path, _) in produced.items():
+        per = {}  # (connection, stack, seed) -> {layer: value}
+        with open(csv_path, newline="") as f:
+            for rec in csv.DictReader(f):
+                if rec["quantity"] != "param_grad_norm":
+                    continue
+                key = (rec["connection"], rec["stack"], rec["seed"])
+                per.setdefault(key, {})[int(rec["layer"])] = float(rec["value"])
+        ratios = {}
+        for (conn, stack, _seed), layers in per.items():
+            lo, hi = min(layers), max(layers)
+            ratios.setdefault((conn, stack), []).append(layers[lo] / layers[hi])
+        for (conn, stack), values in sorted(ratios.items()):
+            rows.append({"setting": name, "connection": conn, "stack": stack, "ratio_mean": sum(values) / len(values),
+                         "ratio_min": min(values), "ratio_max": max(values), "seeds": len(values)})  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------ report
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    import torch
+
+    return {"date": datetime.date.today().isoformat(), "commit": commit.stdout.strip() or "unknown",
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def stage_report(work, methods, seeds):
+    DOCS.mkdir(parents=True, exist_ok=True)
+    runs = [json.loads(p.read_text()) for p in sorted(work.glob("18l-*/result.json"))]
+    runs = [r for r in runs if r["method"] in methods and str(r["seed"]) in map(str, seeds)]
+    if runs:
+        curves = [f"{r['method']} seed {r['seed']}={r['log']}" for r in runs]
+        _run(_python_m("b2t_fairseq.analysis.loss_curves", *sum((["--run", c] for c in curves), []),
+                       "--out-png", DOCS / "loss_curves_18l.png", "--out-csv", DOCS / "loss_curves_18l.csv",
+                       "--title", "18L-18L, d64, real WMT sample (10k pairs)"))  # fmt: skip
+    deep = work / "100l-b2t" / "result.json"
+    produced = {name: (work / "grad-norms" / f"{name}.csv", work / "grad-norms" / f"{name}.png")
+                for name in GRAD_SETTINGS if (work / "grad-norms" / f"{name}.csv").is_file()}  # fmt: skip
+    for name, (csv_path, png_path) in produced.items():
+        (DOCS / png_path.name).write_bytes(png_path.read_bytes())
+        (DOCS / csv_path.name).write_bytes(csv_path.read_bytes())
+    results = {
+        "machine": machine(),
+        "train_18l": [{k: v for k, v in r.items() if k not in ("log", "checkpoint")} for r in runs],
+        "deep100": {k: v for k, v in json.loads(deep.read_text()).items() if k != "log"} if deep.is_file() else None,
+        "grad_norm_ratios": grad_ratio_table(produced),
+    }
+    (DOCS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--work", type=Path, default=Path("study-out"), help="checkpoints, logs, data-bin")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", default=["1"], help="training seeds (train stage)")
+    parser.add_argument("--grad-seeds", nargs="+", default=["1", "2", "3"], help="initialization seeds (grad-norms)")
+    parser.add_argument("--grad-batches", type=int, default=4, help="batches averaged per gradient-norm measurement")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: more threads spin against each other
+    try:
+        if "data" in args.stages:
+            stage_data(args.work)
+        if "grad-norms" in args.stages:
+            stage_grad_norms(args.work, args.grad_seeds, args.grad_batches)
+        if "train" in args.stages:
+            for r in stage_train(args.work, args.methods, args.seeds):
+                print(json.dumps(r), flush=True)
+        if "deep100" in args.stages:
+            print(json.dumps(stage_deep100(args.work)), flush=True)
+        if "report" in args.stages:
+            stage_report(args.work, args.methods, args.seeds)
+    except (StudyError, pipeline.PipelineError) as e:
+        parser.exit(1, f"stability_study: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
