@@ -51,6 +51,13 @@ class B2TOptions(FairseqDataclass):
     decay_val: float = field(
         default=0.0, metadata={"help": "accepted for the authors' command lines; worddrop does not use it"}
     )
+    log_layer_grad_norms: int = field(
+        default=0,
+        metadata={
+            "help": "every N updates, log each layer's parameter-gradient L2 norm per target token as "
+            "gnorm_enc{i}/gnorm_dec{i} in the training log (b2t_fairseq/analysis/live.py); 0 (default): off"
+        },
+    )
 
 
 def add_b2t_args(parser):

@@ -9,6 +9,7 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer import transformer_legacy as fs
 from fairseq.utils import safe_getattr
 
+from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import rescale_stack
@@ -30,7 +31,7 @@ class TransformerB2TModel(TransformerModel):
         if args.init_scaling == "depth":
             rescale_stack(model.encoder.layers)
             rescale_stack(model.decoder.layers)
-        return model
+        return attach_layer_grad_norm_logger(model, args)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):

@@ -14,6 +14,7 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules import AdaptiveInput
 from fairseq.utils import safe_getattr
 
+from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import get_connection, rescale_stack
@@ -67,7 +68,7 @@ class TransformerLMB2TModel(fs.TransformerLanguageModel):
         decoder = B2TTransformerDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         if args.init_scaling == "depth":
             rescale_stack(decoder.layers)
-        return cls(decoder)
+        return attach_layer_grad_norm_logger(cls(decoder), args)
 
 
 def _mirror(name, fairseq_arch):
