@@ -7,6 +7,8 @@ Pins, and why:
 - torch is deliberately not listed: fairseq-fixed already requires it, and listing it here would let pip
   pull a multi-GB CUDA build onto machines that have a CPU build. Install torch first (see README).
 - sacrebleu>=2.0: our scorer uses the 2.x object API (BLEU().corpus_score, get_signature).
+- rouge-score==0.1.2: the Gigaword recipe's ROUGE; pinned because its tokenizer and stemmer define the numbers
+  in our tables (0.1.2 has been the release for years).
 """
 from setuptools import find_packages, setup
 
@@ -24,6 +26,7 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
         "sacremoses",
+        "rouge-score==0.1.2",
     ],
     extras_require={"test": ["pytest"], "plots": ["matplotlib"]},
     entry_points={

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Usage: scripts/gigaword/prepare.sh --data DIR --out DIR [--test-article FILE --test-title FILE] [--scale smoke]
+# Thin wrapper: the recipe is b2t_fairseq/recipes/gigaword.py, its settings configs/gigaword/*.yaml.
+# PYTHON picks the interpreter (default: python); the repository goes first on PYTHONPATH and its configs are
+# passed explicitly, so the script works from any directory and with or without the package installed.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python}" -m b2t_fairseq.recipes.gigaword --config-dir "$repo/configs/gigaword" prepare "$@"
