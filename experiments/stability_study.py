@@ -8,7 +8,7 @@ Stages (each skips what it already finished, so a rerun after an interruption co
   data        the real WMT sample in ../shared/data (10k pairs) -> joint sentencepiece 8k -> data-bin
   train       18L-18L, width 64, post-ln / pre-ln / b2t x seeds, identical flags (configs/study/
               wmt_sample_18l.yaml): json training log, last checkpoint, beam-4 BLEU on 1000 test lines
-  deep100     100L-100L b2t at width 64 for 300 updates (configs/study/deep100_tiny.yaml): finite, falling loss?
+  deep100     100L-100L b2t at width 32 for 300 updates (configs/study/deep100_tiny.yaml): finite, falling loss?
   grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, three connections,
               several seeds (b2t-grad-norms); figure + lowest/highest layer ratio table
   report      loss-curve figure (b2t-loss-curves), docs/stability/results.json and the tables of the docs page
@@ -174,7 +174,7 @@ GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads)
 }
 
 
-def stage_grad_norms(work, seeds, batches):
+def stage_grad_norms(work, seeds, batches, max_tokens):
     data_bin, _ = stage_data(work)
     out = work / "grad-norms"
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def stage_grad_norms(work, seeds, batches):
         if not csv_path.is_file():
             _run(_python_m(
                 "b2t_fairseq.analysis.grad_norms", "--data-bin", data_bin, "--connections", *METHODS,
-                "--seeds", *seeds, "--num-batches", batches, "--max-tokens", 4096,
+                "--seeds", *seeds, "--num-batches", batches, "--max-tokens", max_tokens,
                 "--out-csv", csv_path, "--out-png", png_path, "--title", f"{name}, at initialization", "--",
                 "--arch", "transformer_b2t", "--encoder-layers", layers, "--decoder-layers", layers,
                 "--encoder-embed-dim", dim, "--decoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn,
@@ -284,7 +284,7 @@ def render_tables(results):
                   "label-smoothed cross-entropy in base 2.", ""]  # fmt: skip
     deep = results.get("deep100")
     if deep:
-        lines += ["### 100L-100L B2T, width 64 (configs/study/deep100_tiny.yaml)", "",
+        lines += ["### 100L-100L B2T, width 32 (configs/study/deep100_tiny.yaml)", "",
                   f"{deep['updates']} updates in {deep['train_minutes']} min: train loss "
                   f"{_num(deep['first_train_loss'])} "
                   f"at the first log line -> {_num(deep['last_train_loss'])} at the last; all logged losses finite: "
@@ -310,14 +310,15 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", default=["1"], help="training seeds (train stage)")
     parser.add_argument("--grad-seeds", nargs="+", default=["1", "2", "3"], help="initialization seeds (grad-norms)")
-    parser.add_argument("--grad-batches", type=int, default=4, help="batches averaged per gradient-norm measurement")
+    parser.add_argument("--grad-batches", type=int, default=2, help="batches averaged per gradient-norm measurement")
+    parser.add_argument("--grad-max-tokens", type=int, default=1024, help="tokens per gradient-norm batch")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: more threads spin against each other
     try:
         if "data" in args.stages:
             stage_data(args.work)
         if "grad-norms" in args.stages:
-            stage_grad_norms(args.work, args.grad_seeds, args.grad_batches)
+            stage_grad_norms(args.work, args.grad_seeds, args.grad_batches, args.grad_max_tokens)
         if "train" in args.stages:
             for r in stage_train(args.work, args.methods, args.seeds):
                 print(json.dumps(r), flush=True)
