@@ -61,6 +61,20 @@ def toy_corpus(tmp_path_factory):
     return {"raw": raw, "data_bin": root / "data-bin"}
 
 
+def train_flags(cmd):
+    """A recipe's fairseq-train argv -> {flag: value or True}, skipping the command and the data-bin."""
+    args = cmd[cmd.index("fairseq-train") + 2 :]
+    out, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]] = args[i + 1]
+            i += 2
+        else:
+            out[args[i]] = True
+            i += 1
+    return out
+
+
 def shared_data(name):
     path = SHARED_DATA / name
     if not path.is_dir():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, cli_env, parse_args, shared_data
+from conftest import REPO, cli_env, parse_args, shared_data, train_flags
 from b2t_fairseq.recipes import gigaword as recipe
 from b2t_fairseq.recipes.gigaword import RecipeError, build_train_command, main, rouge
 
@@ -18,20 +18,6 @@ CONFIGS = REPO / "configs" / "gigaword"
 SCRIPTS = REPO / "scripts" / "gigaword"
 BASE = yaml.safe_load((CONFIGS / "base.yaml").read_text())
 RELEASE_FILES = ("train.article.txt", "train.title.txt", "valid.article.filter.txt", "valid.title.filter.txt")
-
-
-def _flags(cmd):
-    """fairseq-train argv -> {flag: value or True}, skipping the command and the data-bin."""
-    args = cmd[cmd.index("fairseq-train") + 2 :]
-    out, i = {}, 0
-    while i < len(args):
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out[args[i]] = args[i + 1]
-            i += 2
-        else:
-            out[args[i]] = True
-            i += 1
-    return out
 
 
 def _release(root, pairs):
@@ -68,7 +54,7 @@ def test_configs_layer_base_depth_and_smoke():
 @pytest.mark.parametrize("depth", [6, 18])
 @pytest.mark.parametrize("gpus", [0, 8])
 def test_methods_differ_only_in_connection(depth, gpus):
-    flags = {m: _flags(build_train_command(m, depth, gpus, "data", "ckpt")[0]) for m in recipe.METHODS}
+    flags = {m: train_flags(build_train_command(m, depth, gpus, "data", "ckpt")[0]) for m in recipe.METHODS}
     for method, f in flags.items():
         assert f.pop("--connection") == method
     assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
@@ -77,13 +63,13 @@ def test_methods_differ_only_in_connection(depth, gpus):
 @pytest.mark.parametrize("gpus, freq", [(0, 16), (1, 16), (2, 8), (4, 4), (8, 2), (16, 1)])
 def test_every_gpu_count_sees_the_same_tokens_per_update(gpus, freq):
     cmd, info = build_train_command("post-ln", 18, gpus, "data", "ckpt")
-    f = _flags(cmd)
+    f = train_flags(cmd)
     assert f["--update-freq"] == str(freq)
     assert max(gpus, 1) * int(f["--max-tokens"]) * freq == BASE["tokens_per_update"] == info["tokens_per_update"]
     assert ("--distributed-world-size" in f) == (gpus > 1)
     assert ("--fp16" in f, "--cpu" in f) == ((True, False) if gpus else (False, True))
     # another per-GPU batch changes the update-freq, not the budget
-    f = _flags(build_train_command("post-ln", 18, gpus, "data", "ckpt", max_tokens=2048)[0])
+    f = train_flags(build_train_command("post-ln", 18, gpus, "data", "ckpt", max_tokens=2048)[0])
     assert max(gpus, 1) * 2048 * int(f["--update-freq"]) == BASE["tokens_per_update"]
 
 
@@ -94,7 +80,7 @@ def test_dry_run_prints_the_18l_command(capsys):
     assert "\n" not in line
     cmd = line.split()
     assert cmd[:2] == ["fairseq-train", "bin"]
-    f = _flags(cmd)
+    f = train_flags(cmd)
     expect = {"--arch": "transformer_b2t", "--encoder-layers": "18", "--decoder-layers": "18", "--dropout": "0.5",
               "--sampling-method": "worddrop", "--enc-replace-rate": "0.1", "--dec-replace-rate": "0.1",
               "--lr": "0.001", "--lr-scheduler": "inverse_sqrt", "--warmup-updates": "4000",

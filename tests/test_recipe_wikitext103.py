@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, SHARED_DATA, cli_env, parse_args
+from conftest import REPO, SHARED_DATA, cli_env, parse_args, train_flags
 from b2t_fairseq.recipes import wikitext103 as recipe
 from b2t_fairseq.recipes.wikitext103 import RecipeError, build_train_command, main, parse_eval_lm_output, render_table
 
@@ -26,24 +26,10 @@ EVAL_LM_TAIL = """\
 EVAL_LINE = re.compile(r"Evaluated ([\d,]+) tokens in .*\n.*Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)")
 
 
-def _flags(cmd):
-    """fairseq-train argv -> {flag: value or True}, skipping the interpreter, module and data-bin."""
-    args = cmd[cmd.index("fairseq_cli.train") + 2 :]
-    out, i = {}, 0
-    while i < len(args):
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out[args[i]] = args[i + 1]
-            i += 2
-        else:
-            out[args[i]] = True
-            i += 1
-    return out
-
-
 # ------------------------------------------------------------------ token budget and identical settings
 @pytest.mark.parametrize("gpus", [1, 2, 3, 4, 6, 8])
 def test_every_gpu_count_sees_the_same_tokens_per_update(gpus):
-    flags = _flags(build_train_command("b2t", 16, gpus, "data", "ckpt")[0])
+    flags = train_flags(build_train_command("b2t", 16, gpus, "data", "ckpt")[0])
     assert gpus * int(flags["--max-tokens"]) * int(flags["--update-freq"]) == BASE["tokens_per_update"]
     assert ("--distributed-world-size" in flags) == (gpus > 1)
 
@@ -51,7 +37,7 @@ def test_every_gpu_count_sees_the_same_tokens_per_update(gpus):
 def test_the_budget_is_fairseqs_8_gpu_command():
     # README.adaptive_inputs.md: --max-tokens 3072 --update-freq 3, on the 8 GPUs of Baevski & Auli
     assert BASE["tokens_per_update"] == 3072 * 3 * 8 and BASE["train"]["max-tokens"] == 3072
-    flags = _flags(build_train_command("b2t", 16, 8, "data", "ckpt")[0])
+    flags = train_flags(build_train_command("b2t", 16, 8, "data", "ckpt")[0])
     assert flags["--update-freq"] == "3"
 
 
@@ -59,13 +45,13 @@ def test_a_gpu_count_that_does_not_divide_the_budget_is_refused():
     with pytest.raises(RecipeError, match="not a multiple of 5 worker"):
         build_train_command("b2t", 16, 5, "data", "ckpt")
     # a smaller per-GPU batch keeps the budget and raises update-freq instead
-    flags = _flags(build_train_command("b2t", 16, 8, "data", "ckpt", max_tokens=1536)[0])
+    flags = train_flags(build_train_command("b2t", 16, 8, "data", "ckpt", max_tokens=1536)[0])
     assert (flags["--max-tokens"], flags["--update-freq"]) == ("1536", "6")
 
 
 @pytest.mark.parametrize("depth, gpus, scale", [(16, 8, None), (32, 8, None), (32, 0, None), (16, 0, "smoke")])
 def test_methods_differ_only_in_connection(depth, gpus, scale):
-    flags = {m: _flags(build_train_command(m, depth, gpus, "data", "ckpt", scale)[0]) for m in recipe.METHODS}
+    flags = {m: train_flags(build_train_command(m, depth, gpus, "data", "ckpt", scale)[0]) for m in recipe.METHODS}
     for method, f in flags.items():
         assert f.pop("--connection") == method
     assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
@@ -73,12 +59,12 @@ def test_methods_differ_only_in_connection(depth, gpus, scale):
 
 def test_depth_gpu_and_smoke_settings():
     for depth in recipe.DEPTHS:
-        f = _flags(build_train_command("pre-ln", depth, 8, "data", "ckpt")[0])
+        f = train_flags(build_train_command("pre-ln", depth, 8, "data", "ckpt")[0])
         assert f["--decoder-layers"] == str(depth) and f["--arch"] == "transformer_lm_b2t_wiki103"
         assert f["--fp16"] is True and "--cpu" not in f
-    f = _flags(build_train_command("b2t", 32, 0, "data", "ckpt")[0])
+    f = train_flags(build_train_command("b2t", 32, 0, "data", "ckpt")[0])
     assert f["--cpu"] is True and "--fp16" not in f
-    f = _flags(build_train_command("b2t", 32, 0, "data", "ckpt", scale="smoke")[0])
+    f = train_flags(build_train_command("b2t", 32, 0, "data", "ckpt", scale="smoke")[0])
     assert f["--decoder-layers"] == "2" and f["--cpu"] is True
     with pytest.raises(RecipeError, match="runs on the CPU"):
         build_train_command("b2t", 16, 1, "data", "ckpt", scale="smoke")
@@ -96,7 +82,7 @@ def test_fairseqs_parsers_accept_the_commands(data_dir):
     from fairseq import options
 
     cmd, _ = build_train_command("b2t", 32, 8, data_dir, "ckpt")
-    argv = [a for a in cmd[cmd.index("fairseq_cli.train") + 2 :] if a != "--fp16"] + ["--cpu"]  # no GPU here
+    argv = [a for a in cmd[2:] if a != "--fp16"] + ["--cpu"]  # no GPU here
     args = parse_args(data_dir, argv, task="language_modeling")
     assert (args.arch, args.connection, args.decoder_layers, args.update_freq) == ("transformer_lm_b2t_wiki103",
                                                                                   "b2t", 32, [3])
@@ -118,8 +104,8 @@ def test_dry_run_prints_one_line_with_extra_flags_last(capsys):
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     cmd = line.split()
-    assert cmd[:4] == [sys.executable, "-m", "fairseq_cli.train", "bin"]
-    f = _flags(cmd)
+    assert cmd[:2] == ["fairseq-train", "bin"]
+    f = train_flags(cmd)
     assert (f["--connection"], f["--update-freq"], f["--task"]) == ("post-ln", "6", "language_modeling")
     assert cmd[-2:] == ["--log-interval", "50"]
 

@@ -8,26 +8,13 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, train_flags
 from b2t_fairseq.recipes import wmt_en_de as recipe
-from b2t_fairseq.recipes.wmt_en_de import RecipeError, build_train_command, main, render_table, update_freq
+from b2t_fairseq.recipes.common import recipe_facts, update_freq
+from b2t_fairseq.recipes.wmt_en_de import RecipeError, build_train_command, main, render_table
 
 CONFIGS = REPO / "configs" / "wmt_en_de"
 SCRIPTS = REPO / "scripts" / "wmt_en_de"
-
-
-def _flags(cmd):
-    """fairseq-train argv -> {flag: value or True}, skipping the interpreter, module and data-bin."""
-    args = cmd[cmd.index("fairseq_cli.train") + 2 :]
-    out, i = {}, 0
-    while i < len(args):
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out[args[i]] = args[i + 1]
-            i += 2
-        else:
-            out[args[i]] = True
-            i += 1
-    return out
 
 
 # ------------------------------------------------------------------ update-freq
@@ -35,7 +22,7 @@ def _flags(cmd):
 def test_update_freq_keeps_the_papers_token_budget(gpus, freq):
     assert update_freq(458752, 3584, gpus) == freq
     cmd, info = build_train_command("b2t", 18, gpus, "data", "ckpt")
-    flags = _flags(cmd)
+    flags = train_flags(cmd)
     assert flags["--update-freq"] == str(freq)
     assert gpus * int(flags["--max-tokens"]) * int(flags["--update-freq"]) == 458752 == info["tokens_per_update"]
     assert ("--distributed-world-size" in flags) == (gpus > 1)
@@ -60,7 +47,7 @@ def test_tokens_per_update_comes_from_the_config():
 # ------------------------------------------------------------------ identical settings
 @pytest.mark.parametrize("depth", [6, 18, 100])
 def test_methods_differ_only_in_connection(depth):
-    flags = {m: _flags(build_train_command(m, depth, 8, "data", "ckpt")[0]) for m in recipe.METHODS}
+    flags = {m: train_flags(build_train_command(m, depth, 8, "data", "ckpt")[0]) for m in recipe.METHODS}
     for method, f in flags.items():
         assert f.pop("--connection") == method
     assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
@@ -73,7 +60,7 @@ def test_depth_configs_set_arch_dropout_worddrop_and_updates():
         100: ("transformer_b2t_wmt_en_de_100l", "0.5", "worddrop", "25000"),
     }
     for depth, (arch, dropout, sampling, updates) in expect.items():
-        f = _flags(build_train_command("b2t", depth, 8, "data", "ckpt")[0])
+        f = train_flags(build_train_command("b2t", depth, 8, "data", "ckpt")[0])
         assert (f["--arch"], f["--dropout"], f["--sampling-method"], f["--max-update"]) == expect[depth]
         assert ("--enc-replace-rate" in f) == (depth > 6)
 
@@ -84,8 +71,8 @@ def test_dry_run_prints_the_18l_command(capsys):
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     cmd = line.split()
-    assert cmd[:4] == [sys.executable, "-m", "fairseq_cli.train", "data-bin/wmt16"]
-    f = _flags(cmd)
+    assert cmd[:2] == ["fairseq-train", "data-bin/wmt16"]
+    f = train_flags(cmd)
     assert f["--arch"] == "transformer_b2t_wmt_en_de_18l"
     assert f["--connection"] == "pre-ln"
     assert f["--dropout"] == "0.5"
@@ -103,9 +90,9 @@ def test_dry_run_prints_the_18l_command(capsys):
 
 
 def test_cpu_and_smoke_commands():
-    f = _flags(build_train_command("b2t", 18, 0, "data", "ckpt")[0])
+    f = train_flags(build_train_command("b2t", 18, 0, "data", "ckpt")[0])
     assert f["--cpu"] is True and "--fp16" not in f and f["--update-freq"] == "128"
-    f = _flags(build_train_command("b2t", 18, 0, "data", "ckpt", scale="smoke")[0])
+    f = train_flags(build_train_command("b2t", 18, 0, "data", "ckpt", scale="smoke")[0])
     assert f["--cpu"] is True and "--fp16" not in f
     assert f["--arch"] == "transformer_b2t" and f["--encoder-layers"] == "2"
     assert f["--dropout"] == "0.5"  # the depth's regularisation survives the smoke override
@@ -118,7 +105,7 @@ def test_the_parsed_command_is_valid_for_fairseq(data_dir):
     from conftest import parse_args
 
     cmd, _ = build_train_command("b2t", 18, 8, data_dir, "ckpt")
-    argv = cmd[cmd.index("fairseq_cli.train") + 2 :]
+    argv = cmd[2:]
     argv = [a for a in argv if a not in ("--fp16",)] + ["--cpu"]  # no GPU here
     args = parse_args(data_dir, argv)
     assert args.encoder_layers == args.decoder_layers == 18
@@ -419,7 +406,7 @@ def test_row_comes_from_the_checkpoint_without_recipe_json(tmp_path):
     import argparse
 
     state = {"cfg": {"model": argparse.Namespace(connection="pre-ln", encoder_layers=18)}}
-    facts = recipe.recipe_facts(tmp_path, state)
+    facts = recipe_facts(tmp_path, state)
     assert (facts["method"], facts["depth"]) == ("pre-ln", 18)
     (tmp_path / "recipe.json").write_text(json.dumps({"method": "b2t", "depth": 6, "scale": "smoke", "extra": []}))
-    assert recipe.recipe_facts(tmp_path, state)["method"] == "b2t"
+    assert recipe_facts(tmp_path, state)["method"] == "b2t"

@@ -40,7 +40,6 @@ the decoder, and the positions inside one decoder layer (--position-layer, defau
 """
 import argparse
 import contextlib
-import csv
 import io
 import itertools
 import logging
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from b2t_fairseq.analysis.output import pyplot, save_png, write_csv
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.modules import ConnectedDecoderLayer, ConnectedEncoderLayer
 from b2t_fairseq.tools.pipeline import split_passthrough
@@ -312,15 +312,6 @@ def summarize(run, connection, seed, per_batch, with_batches=False):
     return rows
 
 
-def write_csv(rows, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _series(rows, run, stack, position):
     """{layer: [value per seed]} of the mean rows."""
     by_layer = defaultdict(list)
@@ -339,12 +330,7 @@ def _draw(ax, xs, values_per_x, label, color):
 
 def plot(rows, path, log_y=False, position_layer=None, title=None):
     """The figure described in the module docstring; returns the decoder layer whose positions it shows."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise B2TConfigError("the plot needs matplotlib: pip install matplotlib (the CSV is written)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
     stacks = [s for s in STACKS if any(r["stack"] == s for r in rows)]
@@ -386,10 +372,7 @@ def plot(rows, path, log_y=False, position_layer=None, title=None):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
     return position_layer
 
 
@@ -538,7 +521,7 @@ def cli_main(argv=None):
         fail(f"data directory not found: {args.data_bin}")
     try:
         rows = run_all(args, model_argv)
-        write_csv(rows, args.out_csv)
+        write_csv(rows, args.out_csv, CSV_FIELDS)
         layer = plot(rows, args.out_png, args.log_y, args.position_layer, args.title)
     except (B2TConfigError, OSError) as e:
         fail(str(e))

@@ -20,7 +20,6 @@ in base 2. --metric picks any other logged stat, e.g. gnorm_dec1 of --log-layer-
 row per run, split (train_inner, train, valid, ...) and num_updates.
 """
 import argparse
-import csv
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from b2t_fairseq.analysis.output import pyplot, save_png, write_csv
 from b2t_fairseq.errors import B2TConfigError
 
 PROG = "b2t-loss-curves"
@@ -118,22 +118,8 @@ def read_runs(specs, metric):
     return rows
 
 
-def write_csv(rows, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows, path, log_y=False, title=None):
-    try:
-        import matplotlib
-    except ImportError:
-        raise B2TConfigError("the plot needs matplotlib: pip install matplotlib (the CSV is written)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series = defaultdict(list)
     for r in rows:
@@ -167,10 +153,7 @@ def plot(rows, path, log_y=False, title=None):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def cli_main(argv=None):
@@ -197,7 +180,7 @@ def cli_main(argv=None):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         rows = read_runs(args.run, args.metric)
-        write_csv(rows, args.out_csv)
+        write_csv(rows, args.out_csv, CSV_FIELDS)
         plot(rows, args.out_png, args.log_y, args.title)
     except (B2TConfigError, OSError) as e:
         parser.exit(2, f"{PROG}: error: {e}\n")

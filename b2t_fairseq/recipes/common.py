@@ -1,13 +1,23 @@
-"""Pieces every paper recipe shares (WMT En-De, Gigaword, WikiText-103): layered YAML configs, the token budget
-per update, reserved fairseq-train flags, data-bin checks, checkpoint averaging and the recipe.json marker.
+"""Pieces every paper recipe shares (WMT En-De, Gigaword, WikiText-103): layered YAML configs, the fairseq-train
+command with its token budget per update and reserved flags, fairseq's tools run in this process, data-bin checks,
+checkpoint averaging, the recipe.json marker and the command line.
 
 A recipe's configs/<name>/ holds base.yaml, one file per depth (``6l.yaml``, ``18l.yaml``, ...) and one per scale
 (``smoke.yaml``); ``load_config`` merges them in that order, so each number is written once.
 """
+import argparse
+import contextlib
+import functools
+import importlib
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import yaml
+
+from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 METHODS = ("post-ln", "pre-ln", "b2t")  # table order: baselines first
@@ -26,6 +36,8 @@ RESERVED_EXTRA = {
     "--save-dir": "--save-dir of this recipe",
     "--user-dir": "nothing (the recipe sets it)",
 }
+# fairseq-train options the recipe derives from --method, --gpus and the token budget; a config must not set them
+DERIVED = ("connection", "update-freq", "cpu", "fp16", "distributed-world-size")
 
 
 class RecipeError(Exception):
@@ -102,6 +114,48 @@ def check_extra(extra, reserved=RESERVED_EXTRA):
             raise RecipeError(f"{name} cannot be passed to fairseq-train here; use {reserved[name]}")
 
 
+def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
+                  reserved=RESERVED_EXTRA):  # fmt: skip
+    """(fairseq-train argv, facts for recipe.json) of one row of ``recipe``; ``load(depth, scale)`` gives its merged
+    config. Pure: touches no file but the configs."""
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if int(depth) not in depths:
+        raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, depths))}")
+    if gpus < 0:
+        raise RecipeError(f"--gpus must be >= 0, not {gpus}")
+    if scale is not None and gpus > 0:
+        raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
+    extra = list(extra)
+    check_extra(extra, reserved)
+    config = load(int(depth), scale)
+    train = dict(config["train"])
+    if max_tokens is not None:
+        train["max-tokens"] = max_tokens
+    if "max-tokens" not in train:
+        raise RecipeError("the config sets no max-tokens; the token budget per update cannot be derived")
+    for key in DERIVED:
+        if key in train:
+            raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
+    workers = max(gpus, 1)
+    freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
+    cmd = ["fairseq-train", str(data_bin), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir),
+           "--connection", method, *as_flags(train), "--update-freq", str(freq)]  # fmt: skip
+    if gpus > 0:
+        cmd += as_flags(config.get("gpu_train", {}))
+        if gpus > 1:
+            cmd += ["--distributed-world-size", str(gpus)]
+    else:
+        cmd.append("--cpu")
+    cmd += extra
+    info = {
+        "recipe": recipe, "method": method, "depth": int(depth), "scale": scale, "gpus": gpus,
+        "max_tokens": int(train["max-tokens"]), "update_freq": freq,
+        "tokens_per_update": workers * int(train["max-tokens"]) * freq, "extra": extra, "command": shlex.join(cmd),
+    }  # fmt: skip
+    return cmd, info
+
+
 def write_recipe_facts(save_dir, info):
     """Record which row a save dir trains; refuse to mix two rows (method, depth, scale) in one directory."""
     save_dir = Path(save_dir)
@@ -144,6 +198,35 @@ def check_data_bin(data_bin, subsets=("train", "valid")):
             raise RecipeError(f"{data_bin} has no '{subset}' subset ({subset}.SRC-TGT.SRC.idx/.bin)")
 
 
+# ------------------------------------------------------------------ fairseq in this process
+@contextlib.contextmanager
+def fairseq_errors(tool):
+    """fairseq's tools report bad input with plain exceptions; make that one line naming the tool."""
+    try:
+        yield
+    except RecipeError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RecipeError(f"{tool} failed: {type(e).__name__}{': ' + first if first else ''} (the command "
+                          "printed above shows the full traceback)") from e  # fmt: skip
+
+
+def run_fairseq(cmd):
+    """Run a fairseq console script (``["fairseq-train", ...]``) in this process, through the same ``cli_main`` its
+    console entry point calls. The recipe has imported fairseq already (the plugin does); a second interpreter
+    would spend several seconds importing it again, at every stage."""
+    cmd = [str(arg) for arg in cmd]
+    print("+", shlex.join(cmd), flush=True)
+    module = importlib.import_module("fairseq_cli." + cmd[0].removeprefix("fairseq-"))
+    saved, sys.argv = sys.argv, cmd
+    try:
+        with fairseq_errors(cmd[0]):
+            module.cli_main()
+    finally:
+        sys.argv = saved
+
+
 # ------------------------------------------------------------------ evaluate
 def average(save_dir, n):
     """(path, inputs, state) of the averaged last ``n`` epoch checkpoints (reused when newer than all of them)."""
@@ -161,6 +244,41 @@ def average(save_dir, n):
     state = average_checkpoints(inputs)
     torch.save(state, output)
     return output, inputs, state
+
+
+def average_run(save_dir, n):
+    """(averaged checkpoint, the checkpoints averaged, recipe_facts) of the last ``n`` epoch checkpoints of a run."""
+    try:
+        checkpoint, inputs, state = average(save_dir, n)
+    except B2TConfigError as e:
+        raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
+    return checkpoint, inputs, recipe_facts(save_dir, state)
+
+
+def default_cpu(scale):
+    """Evaluate on the CPU at a test scale (--scale) or when there is no GPU."""
+    import torch
+
+    return scale is not None or not torch.cuda.is_available()
+
+
+def work_dir(out):
+    """OUT.work beside the result JSON ``out``: the tools' raw output, kept to check a score by hand."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f"{out.stem}.work"
+    work.mkdir(exist_ok=True)
+    return work
+
+
+def result_row(recipe, facts):
+    """The first keys of every result JSON: which row of which table it scores."""
+    return {
+        "recipe": recipe,
+        "method": facts["method"],
+        "depth": int(facts["depth"]) if facts["depth"] is not None else None,
+        "scale": facts["scale"],
+        "variant": " ".join(facts.get("extra") or []),
+    }
 
 
 def recipe_facts(save_dir, checkpoint_state):
@@ -205,3 +323,96 @@ def load_results(paths, recipe, required):
         where = ", ".join(map(str, paths))
         raise RecipeError(f'no {recipe} evaluate results (JSON with "recipe": "{recipe}") in {where}')
     return results
+
+
+def by_row(results, by_scale=False):
+    """{(method, depth, variant[, scale]): result}: the table row each result fills; two for one row are an error."""
+    ours = {}
+    for r in results:
+        key = (r["method"], int(r["depth"]), r.get("variant") or "") + ((r.get("scale") or "",) if by_scale else ())
+        if key in ours:
+            raise RecipeError(f"two results for {key[0]} {key[1]}L: {ours[key]['_path']} and {r['_path']}")
+        ours[key] = r
+    return ours
+
+
+def print_table(text, out=None):
+    """Print a rendered table, and write it to ``out`` too when given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+    print(text, end="")
+
+
+# ------------------------------------------------------------------ CLI
+def recipe_parser(prog, doc, config_dir):
+    """A recipe's parser (usage from its module docstring, --config-dir) and the group its subcommands join."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--config-dir", type=Path, default=config_dir, help=f"default: {config_dir}")
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_max_tokens):
+    """The ``train`` subcommand, the same in every recipe but for its depths and help texts: the row's command from
+    ``build`` (the recipe's build_train_command), printed with --dry-run, else ``run(args, cmd, info)``."""
+    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--depth", required=True, type=int, choices=depths, help=depth_help)
+    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
+    p.add_argument("--data-bin", required=True, type=Path)
+    p.add_argument("--save-dir", required=True, type=Path)
+    p.add_argument("--scale", choices=("smoke",), help=scale_help)
+    p.add_argument("--max-tokens", type=int,
+                   help=f"per-GPU batch in tokens (default: the config's {default_max_tokens})")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
+    p.set_defaults(func=functools.partial(_train, build, run))
+    return p
+
+
+def _train(build, run, args, extra):
+    cmd, info = build(args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra,
+                      args.max_tokens, args.config_dir)  # fmt: skip
+    if args.dry_run:
+        print(info["command"])
+        return 0
+    return run(args, cmd, info)
+
+
+def add_evaluate_parser(sub, func, help, scale_help, inputs=(), device="decode"):
+    """The ``evaluate`` subcommand: --save-dir, --data-bin, the recipe's own ``inputs`` ({flag: add_argument options}),
+    --out, --scale, --average-last and --cpu ("``device`` on the CPU ...")."""
+    p = sub.add_parser("evaluate", help=help)
+    p.add_argument("--save-dir", required=True, type=Path)
+    p.add_argument("--data-bin", required=True, type=Path)
+    for flag, options in dict(inputs).items():
+        p.add_argument(flag, **options)
+    p.add_argument("--out", required=True, type=Path, help="result JSON")
+    p.add_argument("--scale", choices=("smoke",), help=scale_help)
+    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
+    p.add_argument("--cpu", action="store_true", help=f"{device} on the CPU even when a GPU is present")
+    p.set_defaults(func=func)
+    return p
+
+
+def add_table_parser(sub, func, help):
+    p = sub.add_parser("table", help=help)
+    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
+    p.add_argument("--out", type=Path, help="write the table here too")
+    p.set_defaults(func=func)
+    return p
+
+
+def run_cli(parser, argv=None):
+    """Run the subcommand of ``argv`` (default: the command line; what follows ``--`` reaches `train` as extra
+    fairseq-train flags); an error the user can fix ends it with one line and exit status 1."""
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        if extra and args.command != "train":
+            raise RecipeError(f"{args.command} takes no extra flags after --")
+        return args.func(args, extra)
+    except (RecipeError, B2TConfigError, OSError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")

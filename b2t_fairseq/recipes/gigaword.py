@@ -13,25 +13,23 @@ train: fairseq-train with the configs/gigaword/ settings; only --connection diff
 evaluate: average the last epoch checkpoints, fairseq-generate the test split, ROUGE-1/2/L F1 against the raw
 titles, one JSON per run. table: Markdown table of those JSON files. Every stage skips work already done.
 """
-import argparse
-import importlib
+import functools
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, average, check_data_bin, check_extra, default_config_dir,
-    load_config as _load_config, load_results as _load_results, recipe_facts, subset_pairs, update_freq,
-    write_recipe_facts,
+    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
+    average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
+    load_results as _load_results, print_table, recipe_parser, result_row, run_cli, run_fairseq, subset_pairs,
+    train_command, work_dir, write_recipe_facts,
 )  # fmt: skip
 from b2t_fairseq.tools import pipeline
-from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
+from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "gigaword"
 DEFAULT_CONFIG_DIR = default_config_dir("gigaword")
@@ -52,24 +50,6 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
     return _load_config(config_dir, depth, scale, required=("prepare", "train", "tokens_per_update", "evaluate"))
-
-
-def run_fairseq(cmd):
-    """Run a fairseq console script (``["fairseq-train", ...]``) in this process, through the same ``cli_main`` its
-    console entry point calls. The recipe has imported fairseq already (the plugin does); a second interpreter
-    would spend several seconds importing it again, at every stage."""
-    cmd = [str(arg) for arg in cmd]
-    print("+", shlex.join(cmd), flush=True)
-    module = importlib.import_module("fairseq_cli." + cmd[0].removeprefix("fairseq-"))
-    saved, sys.argv = sys.argv, cmd
-    try:
-        module.cli_main()
-    except Exception as e:  # fairseq reports bad input with plain exceptions; say which tool, in one line
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise RecipeError(f"{cmd[0]} failed: {type(e).__name__}{': ' + first if first else ''} (the command "
-                          "printed above shows the full traceback)") from e  # fmt: skip
-    finally:
-        sys.argv = saved
 
 
 # ------------------------------------------------------------------ prepare
@@ -237,8 +217,6 @@ def prepare(data, out, test_article=None, test_title=None, scale=None, config_di
 
 
 def cmd_prepare(args, extra):
-    if extra:
-        raise RecipeError("prepare takes no extra flags after --")
     prepare(args.data, args.out, args.test_article, args.test_title, args.scale, args.config_dir)
     return 0
 
@@ -247,42 +225,8 @@ def cmd_prepare(args, extra):
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
                         config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if int(depth) not in DEPTHS:
-        raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, DEPTHS))}")
-    if gpus < 0:
-        raise RecipeError(f"--gpus must be >= 0, not {gpus}")
-    if scale is not None and gpus > 0:
-        raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
-    extra = list(extra)
-    check_extra(extra)
-    config = load_config(config_dir, int(depth), scale)
-    train = dict(config["train"])
-    if max_tokens is not None:
-        train["max-tokens"] = max_tokens
-    if "max-tokens" not in train:
-        raise RecipeError("the config sets no max-tokens; the token budget per update cannot be derived")
-    for key in ("connection", "update-freq", "cpu", "fp16", "distributed-world-size"):
-        if key in train:
-            raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
-    workers = max(gpus, 1)
-    freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
-    cmd = ["fairseq-train", str(data_bin), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir),
-           "--connection", method, *as_flags(train), "--update-freq", str(freq)]  # fmt: skip
-    if gpus > 0:
-        cmd += as_flags(config.get("gpu_train", {}))
-        if gpus > 1:
-            cmd += ["--distributed-world-size", str(gpus)]
-    else:
-        cmd.append("--cpu")
-    cmd += extra
-    info = {
-        "recipe": PROG, "method": method, "depth": int(depth), "scale": scale, "gpus": gpus,
-        "max_tokens": int(train["max-tokens"]), "update_freq": freq,
-        "tokens_per_update": workers * int(train["max-tokens"]) * freq, "extra": extra, "command": shlex.join(cmd),
-    }  # fmt: skip
-    return cmd, info
+    load = functools.partial(load_config, config_dir)
+    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens)
 
 
 def read_prepared(data_bin):
@@ -290,14 +234,7 @@ def read_prepared(data_bin):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def cmd_train(args, extra):
-    cmd, info = build_train_command(
-        args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra, args.max_tokens,
-        args.config_dir,
-    )
-    if args.dry_run:
-        print(info["command"])
-        return 0
+def run_train(args, cmd, info):
     check_data_bin(args.data_bin)
     prepared = read_prepared(args.data_bin)
     info["test_split"] = prepared["test"] if prepared else None
@@ -402,29 +339,14 @@ def evaluate(save_dir, data_bin, out, ref=None, scale=None, average_last=None, c
         test_split = {"kind": "by hand", "reference": str(reference.resolve())}
 
     n = int(average_last or ev["average_last_epochs"])
-    try:
-        checkpoint, inputs, state = average(save_dir, n)
-    except B2TConfigError as e:
-        raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
-    facts = recipe_facts(save_dir, state)
-    del state
-    if cpu is None:
-        import torch
-
-        cpu = scale is not None or not torch.cuda.is_available()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f"{out.stem}.work"
-    work.mkdir(exist_ok=True)
+    checkpoint, inputs, facts = average_run(save_dir, n)
+    cpu = default_cpu(scale) if cpu is None else cpu
+    work = work_dir(out)
     gen_out = generate(data_bin, pair, checkpoint, ev["generate"], cpu, work)
     hyp_out = work / "hyp-test.txt"
     scores = score_generate_output(gen_out, reference, ev["remove_bpe"], hyp_out)
     summary = {
-        "recipe": PROG,
-        "method": facts["method"],
-        "depth": int(facts["depth"]) if facts["depth"] is not None else None,
-        "scale": facts["scale"],
-        "variant": " ".join(facts.get("extra") or []),
+        **result_row(PROG, facts),
         **scores,
         "n": n_test,
         "rouge_settings": settings,
@@ -444,8 +366,6 @@ def evaluate(save_dir, data_bin, out, ref=None, scale=None, average_last=None, c
 
 
 def cmd_evaluate(args, extra):
-    if extra:
-        raise RecipeError("evaluate takes no extra flags after --")
     evaluate(args.save_dir, args.data_bin, args.out, args.ref, args.scale, args.average_last,
              True if args.cpu else None, args.config_dir)  # fmt: skip
     return 0
@@ -462,12 +382,7 @@ def render_table(results):
     tests = {json.dumps(r["test_split"], sort_keys=True): r["_path"] for r in results}
     if len(tests) > 1:
         raise RecipeError(f"results scored on different test sets ({', '.join(tests.values())}); table them apart")
-    ours = {}
-    for r in results:
-        key = (r["method"], int(r["depth"]), r.get("variant") or "", r.get("scale") or "")
-        if key in ours:
-            raise RecipeError(f"two results for {key[0]} {key[1]}L: {ours[key]['_path']} and {r['_path']}")
-        ours[key] = r
+    ours = by_row(results, by_scale=True)
     order = {m: i for i, m in enumerate(METHODS)}
     lines = ["| Method | Layers | Run | R-1 | R-2 | R-L |", "|---|---|---|---|---|---|"]
     by_depth_then_method = sorted(ours.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9), kv[0][2:]))
@@ -484,24 +399,13 @@ def render_table(results):
 
 
 def cmd_table(args, extra):
-    if extra:
-        raise RecipeError("table takes no extra flags after --")
-    text = render_table(load_results(args.results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(text, end="")
+    print_table(render_table(load_results(args.results)), args.out)
     return 0
 
 
 # ------------------------------------------------------------------ CLI
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help=f"default: {DEFAULT_CONFIG_DIR}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
     smoke_help = "smoke: small sentencepiece vocabulary and test split, tiny model, a few dozen CPU updates (tests)"
 
     p = sub.add_parser("prepare", help="release files -> sentencepiece -> data-bin (+ raw test titles)")
@@ -514,42 +418,19 @@ def build_parser():
     p.add_argument("--scale", choices=("smoke",), help=smoke_help)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--depth", required=True, type=int, choices=DEPTHS, help="layers in each of encoder and decoder")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--scale", choices=("smoke",), help=smoke_help)
-    p.add_argument("--max-tokens", type=int, help="per-GPU batch in tokens (default: the config's 4096)")
-    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
-    p.set_defaults(func=cmd_train)
+    add_train_parser(sub, build_train_command, run_train, DEPTHS, "layers in each of encoder and decoder",
+                     smoke_help, 4096)
 
-    p = sub.add_parser("evaluate", help="average, decode the test split, score ROUGE, write one JSON")
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--ref", type=Path, help=f"raw test titles (default: DATA_BIN/{REFERENCE}, written by prepare)")
-    p.add_argument("--out", required=True, type=Path, help="result JSON")
-    p.add_argument("--scale", choices=("smoke",), help="smoke: short decoding, fewer checkpoints averaged")
-    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
-    p.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is present")
-    p.set_defaults(func=cmd_evaluate)
+    ref = {"type": Path, "help": f"raw test titles (default: DATA_BIN/{REFERENCE}, written by prepare)"}
+    add_evaluate_parser(sub, cmd_evaluate, "average, decode the test split, score ROUGE, write one JSON",
+                        "smoke: short decoding, fewer checkpoints averaged", {"--ref": ref})
 
-    p = sub.add_parser("table", help="Markdown table of evaluate results")
-    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
-    p.add_argument("--out", type=Path, help="write the table here too")
-    p.set_defaults(func=cmd_table)
+    add_table_parser(sub, cmd_table, "Markdown table of evaluate results")
     return parser
 
 
 def main(argv=None):
-    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args, extra)
-    except (RecipeError, B2TConfigError, OSError) as e:
-        parser.exit(1, f"{PROG}: error: {e}\n")
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ fairseq's tools (preprocess, train, eval-lm) run through their own entry points 
 as subprocesses: importing this package has already imported fairseq (about 7 s on a 2-core CPU), and each
 subprocess would pay that again. The printed commands are the equivalent command lines.
 """
-import argparse
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, average, check_extra, default_config_dir,
-    load_config as _load_config, load_results as _load_results, recipe_facts, update_freq, write_recipe_facts,
+    METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, add_evaluate_parser, add_table_parser,
+    add_train_parser, average_run, by_row, default_config_dir, default_cpu, fairseq_errors,
+    load_config as _load_config, load_results as _load_results, print_table, recipe_parser, result_row, run_cli,
+    run_fairseq, train_command, work_dir, write_recipe_facts,
 )  # fmt: skip
-from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
+from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "wikitext103"
 DEFAULT_CONFIG_DIR = default_config_dir("wikitext103")
@@ -84,12 +85,7 @@ def prepare(raw_dir, data_bin, workers=1):
     argv = ["--only-source", "--destdir", str(partial), "--workers", str(workers)]
     for split in SPLITS:
         argv += [f"--{split}pref", str(raw_dir / RAW_FILE.format(split))]
-    print("+ fairseq-preprocess", shlex.join(argv), flush=True)
-    from fairseq import options
-    from fairseq_cli import preprocess as fairseq_preprocess
-
-    with _fairseq_errors("fairseq-preprocess"):
-        fairseq_preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+    run_fairseq(["fairseq-preprocess", *argv])
     if data_bin.exists():
         data_bin.rmdir()
     data_bin.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +95,6 @@ def prepare(raw_dir, data_bin, workers=1):
 
 
 def cmd_prepare(args, extra):
-    if extra:
-        raise RecipeError("prepare takes no extra flags after --")
     if args.workers < 1:
         raise RecipeError(f"--workers must be >= 1, not {args.workers}")
     prepare(args.raw_dir, args.data_bin, args.workers)
@@ -112,76 +106,27 @@ def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
     return _load_config(config_dir, depth, scale)
 
 
+def _load_train_config(config_dir, depth, scale):
+    """load_config, refusing a depth file whose model has another number of layers than its name."""
+    config = load_config(config_dir, depth, scale)
+    train = config["train"]
+    if scale is None and int(train.get("decoder-layers", -1)) != int(depth):
+        raise RecipeError(f"{depth}l.yaml must set decoder-layers: {depth}, not {train.get('decoder-layers')}")
+    return config
+
+
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
                         config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if int(depth) not in DEPTHS:
-        raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, DEPTHS))}")
-    if gpus < 0:
-        raise RecipeError(f"--gpus must be >= 0, not {gpus}")
-    if scale is not None and gpus > 0:
-        raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
-    extra = list(extra)
-    check_extra(extra, RESERVED)
-    config = load_config(config_dir, int(depth), scale)
-    train = dict(config["train"])
-    for key in ("connection", "update-freq", "cpu", "fp16", "distributed-world-size"):
-        if key in train:
-            raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
-    if scale is None and int(train.get("decoder-layers", -1)) != int(depth):
-        raise RecipeError(f"{depth}l.yaml must set decoder-layers: {depth}, not {train.get('decoder-layers')}")
-    if max_tokens is not None:
-        train["max-tokens"] = max_tokens
-    if "max-tokens" not in train:
-        raise RecipeError("the config sets no max-tokens; the token budget per update cannot be derived")
-    workers = max(gpus, 1)
-    freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
-    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(PLUGIN_DIR),
-           "--save-dir", str(save_dir), "--connection", method, *as_flags(train),
-           "--update-freq", str(freq)]  # fmt: skip
-    if gpus > 0:
-        cmd += as_flags(config.get("gpu_train", {}))
-        if gpus > 1:
-            cmd += ["--distributed-world-size", str(gpus)]
-    else:
-        cmd.append("--cpu")
-    cmd += extra
-    info = {
-        "recipe": PROG,
-        "method": method,
-        "depth": int(depth),
-        "scale": scale,
-        "gpus": gpus,
-        "max_tokens": int(train["max-tokens"]),
-        "update_freq": freq,
-        "tokens_per_update": workers * int(train["max-tokens"]) * freq,
-        "extra": extra,
-        "command": shlex.join(cmd),
-    }
-    return cmd, info
+    load = functools.partial(_load_train_config, config_dir)
+    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
+                         reserved=RESERVED)  # fmt: skip
 
 
-def cmd_train(args, extra):
-    cmd, info = build_train_command(
-        args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra, args.max_tokens,
-        args.config_dir,
-    )
-    if args.dry_run:
-        print(info["command"])
-        return 0
+def run_train(args, cmd, info):
     check_data_bin(args.data_bin, ("train", "valid"))
     write_recipe_facts(args.save_dir, info)
-    print("+", info["command"], flush=True)
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.distributed import utils as distributed_utils
-    from fairseq_cli import train as fairseq_train
-
-    # what `python -m fairseq_cli.train ...` runs, in this process (see the module docstring)
-    args = options.parse_args_and_arch(options.get_training_parser(), cmd[cmd.index("fairseq_cli.train") + 1 :])
-    distributed_utils.call_main(convert_namespace_to_omegaconf(args), fairseq_train.main)
+    run_fairseq(cmd)
     return 0
 
 
@@ -216,18 +161,6 @@ def subset_tokens(data_bin, subset):
 
 
 @contextlib.contextmanager
-def _fairseq_errors(tool):
-    """fairseq's tools raise plain exceptions for bad input; report them as one line naming the tool."""
-    try:
-        yield
-    except (RecipeError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise RecipeError(f"{tool} failed: {type(e).__name__}{': ' + message if message else ''}") from e
-
-
-@contextlib.contextmanager
 def _log_to(path):
     """Copy everything fairseq logs meanwhile into ``path``, as a subprocess's captured output would be."""
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
@@ -259,7 +192,7 @@ def eval_lm(data_bin, checkpoint, subset, flags, cpu, log):
 
     argv = eval_lm_argv(data_bin, checkpoint, subset, flags, cpu)
     print("+ fairseq-eval-lm", shlex.join(argv), flush=True)  # = python -m fairseq_cli.eval_lm ARGV
-    with _fairseq_errors("fairseq-eval-lm"), _log_to(log):
+    with fairseq_errors("fairseq-eval-lm"), _log_to(log):
         args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
         fairseq_eval_lm.main(convert_namespace_to_omegaconf(args))
     tokens, loss, ppl = parse_eval_lm_output(Path(log).read_text(encoding="utf-8"), str(log))
@@ -279,31 +212,16 @@ def evaluate(save_dir, data_bin, out, scale=None, average_last=None, cpu=None, c
         raise RecipeError(f"save dir {save_dir} does not exist")
     check_data_bin(data_bin, subsets)
     n = int(average_last or ev["average_last_epochs"])
-    try:
-        checkpoint, inputs, state = average(save_dir, n)
-    except B2TConfigError as e:
-        raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
-    facts = recipe_facts(save_dir, state)
-    del state
-    if cpu is None:
-        import torch
-
-        cpu = scale is not None or not torch.cuda.is_available()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f"{out.stem}.work"
-    work.mkdir(exist_ok=True)
+    checkpoint, inputs, facts = average_run(save_dir, n)
+    cpu = default_cpu(scale) if cpu is None else cpu
+    work = work_dir(out)
     per_subset = {}
     for subset in subsets:
         result = eval_lm(data_bin, checkpoint, subset, ev["eval_lm"], cpu, work / f"eval-lm-{subset}.log")
         print(f"{subset}: perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens", flush=True)
         per_subset[subset] = result
     summary = {
-        "recipe": PROG,
-        "method": facts["method"],
-        "depth": int(facts["depth"]) if facts["depth"] is not None else None,
-        "scale": facts["scale"],
-        "variant": " ".join(facts.get("extra") or []),
+        **result_row(PROG, facts),
         "valid_ppl": per_subset.get("valid", {}).get("ppl"),
         "test_ppl": per_subset.get("test", {}).get("ppl"),
         "subsets": per_subset,
@@ -317,8 +235,6 @@ def evaluate(save_dir, data_bin, out, scale=None, average_last=None, cpu=None, c
 
 
 def cmd_evaluate(args, extra):
-    if extra:
-        raise RecipeError("evaluate takes no extra flags after --")
     evaluate(args.save_dir, args.data_bin, args.out, args.scale, args.average_last, True if args.cpu else None,
              args.config_dir)  # fmt: skip
     return 0
@@ -340,12 +256,7 @@ def _settings(result):
 
 def render_table(results, config):
     published = config.get("published", {})
-    ours = {}
-    for r in results:
-        key = (r["method"], int(r["depth"]), r.get("variant") or "")
-        if key in ours:
-            raise RecipeError(f"two results for {key[0]} {key[1]}L: {ours[key]['_path']} and {r['_path']}")
-        ours[key] = r
+    ours = by_row(results)
     order = {m: i for i, m in enumerate(METHODS)}
     rows = []  # (sort key, method, layers, source, cells)
     for p in published.get("rows", []):
@@ -371,25 +282,14 @@ def render_table(results, config):
 
 
 def cmd_table(args, extra):
-    if extra:
-        raise RecipeError("table takes no extra flags after --")
     config = load_config(args.config_dir)
-    text = render_table(load_results(args.results), config)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(text, end="")
+    print_table(render_table(load_results(args.results), config), args.out)
     return 0
 
 
 # ------------------------------------------------------------------ CLI
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help=f"default: {DEFAULT_CONFIG_DIR}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
 
     p = sub.add_parser("prepare", help="binarize wiki.{train,valid,test}.tokens with fairseq-preprocess --only-source")
     p.add_argument("--raw-dir", required=True, type=Path, help="directory holding wiki.{train,valid,test}.tokens")
@@ -397,41 +297,18 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess worker processes (default: 1)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--depth", required=True, type=int, choices=DEPTHS, help="decoder layers")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--scale", choices=("smoke",), help="smoke: tiny model, a few dozen CPU updates (tests)")
-    p.add_argument("--max-tokens", type=int, help="per-GPU batch in tokens (default: the config's 3072)")
-    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
-    p.set_defaults(func=cmd_train)
+    smoke_help = "smoke: tiny model, a few dozen CPU updates (tests)"
+    add_train_parser(sub, build_train_command, run_train, DEPTHS, "decoder layers", smoke_help, 3072)
 
-    p = sub.add_parser("evaluate", help="average, run fairseq-eval-lm on valid and test, write one JSON")
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="result JSON")
-    p.add_argument("--scale", choices=("smoke",), help="smoke: the short context of the smoke model")
-    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
-    p.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
-    p.set_defaults(func=cmd_evaluate)
+    add_evaluate_parser(sub, cmd_evaluate, "average, run fairseq-eval-lm on valid and test, write one JSON",
+                        "smoke: the short context of the smoke model", device="evaluate")
 
-    p = sub.add_parser("table", help="Markdown table of evaluate results beside the published numbers")
-    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
-    p.add_argument("--out", type=Path, help="write the table here too")
-    p.set_defaults(func=cmd_table)
+    add_table_parser(sub, cmd_table, "Markdown table of evaluate results beside the published numbers")
     return parser
 
 
 def main(argv=None):
-    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args, extra)
-    except (RecipeError, B2TConfigError, OSError) as e:
-        parser.exit(1, f"{PROG}: error: {e}\n")
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,20 @@
 Hyperparameters live in configs/wmt_en_de/*.yaml (base + 6l/18l/100l, + smoke for --scale smoke); this file
 only combines them. Every method gets the same flags; --method only sets --connection.
 """
-import argparse
+import functools
 import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, average, check_data_bin, check_extra, default_config_dir,
-    load_config as _load_config, load_results as _load_results, recipe_facts, subset_pairs, update_freq,
-    write_recipe_facts,
+    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
+    average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
+    load_results as _load_results, print_table, recipe_parser, result_row, run_cli, subset_pairs, train_command,
+    work_dir, write_recipe_facts,
 )  # fmt: skip
-from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
+from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "wmt_en_de"
 DEFAULT_CONFIG_DIR = default_config_dir("wmt_en_de")
@@ -199,8 +199,6 @@ def prepare(out, release=None, archive=None, download=False, refs=None, fetch_re
 
 
 def cmd_prepare(args, extra):
-    if extra:
-        raise RecipeError("prepare takes no extra flags after --")
     prepare(args.out, args.release, args.archive, args.download, args.refs, args.fetch_refs, args.years,
             args.workers, args.config_dir)  # fmt: skip
     return 0
@@ -209,65 +207,16 @@ def cmd_prepare(args, extra):
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
                         config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if int(depth) not in DEPTHS:
-        raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, DEPTHS))}")
-    if gpus < 0:
-        raise RecipeError(f"--gpus must be >= 0, not {gpus}")
-    if scale is not None and gpus > 0:
-        raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
-    extra = list(extra)
-    check_extra(extra)
-    config = load_config(config_dir, int(depth), scale)
-    train = dict(config["train"])
-    if max_tokens is not None:
-        train["max-tokens"] = max_tokens
-    if "max-tokens" not in train:
-        raise RecipeError("the config sets no max-tokens; the token budget per update cannot be derived")
-    for key in ("connection", "update-freq", "cpu", "fp16", "distributed-world-size"):
-        if key in train:
-            raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
-    workers = max(gpus, 1)
-    freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
-    on_gpu = gpus > 0 and scale is None
-    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", str(PLUGIN_DIR),
-           "--save-dir", str(save_dir), "--connection", method, *as_flags(train),
-           "--update-freq", str(freq)]  # fmt: skip
-    if on_gpu:
-        cmd += as_flags(config.get("gpu_train", {}))
-        if gpus > 1:
-            cmd += ["--distributed-world-size", str(gpus)]
-    else:
-        cmd.append("--cpu")
-    cmd += extra
-    info = {
-        "recipe": PROG,
-        "method": method,
-        "depth": int(depth),
-        "scale": scale,
-        "gpus": gpus,
-        "max_tokens": int(train["max-tokens"]),
-        "update_freq": freq,
-        "tokens_per_update": workers * int(train["max-tokens"]) * freq,
-        "extra": extra,
-        "command": shlex.join(cmd),
-    }
-    return cmd, info
+    load = functools.partial(load_config, config_dir)
+    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens)
 
 
-def cmd_train(args, extra):
-    cmd, info = build_train_command(
-        args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra, args.max_tokens,
-        args.config_dir,
-    )
-    if args.dry_run:
-        print(info["command"])
-        return 0
+def run_train(args, cmd, info):
     check_data_bin(args.data_bin)
     write_recipe_facts(args.save_dir, info)
     print("+", info["command"], flush=True)
-    return subprocess.run(cmd).returncode
+    # the printed command, run by this interpreter: fairseq-train need not be on PATH
+    return subprocess.run([sys.executable, "-m", "fairseq_cli.train", *cmd[1:]]).returncode
 
 
 # ------------------------------------------------------------------ evaluate
@@ -349,20 +298,9 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
         plan.append((year, subset, src, tgt, reference))
 
     n = int(average_last or ev["average_last_epochs"])
-    try:
-        checkpoint, inputs, state = average(save_dir, n)
-    except B2TConfigError as e:
-        raise RecipeError(f"{e} (the recipe averages the last {n} epoch checkpoints; --average-last N to change)")
-    facts = recipe_facts(save_dir, state)
-    del state
-    if cpu is None:
-        import torch
-
-        cpu = scale is not None or not torch.cuda.is_available()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f"{out.stem}.work"
-    work.mkdir(exist_ok=True)
+    checkpoint, inputs, facts = average_run(save_dir, n)
+    cpu = default_cpu(scale) if cpu is None else cpu
+    work = work_dir(out)
     per_year = {}
     for year, subset, src, tgt, reference in plan:
         lenpen = lenpen_for(config, year)
@@ -377,11 +315,7 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
         signature = result["signature"]
     bleus = [v["bleu"] for v in per_year.values()]
     summary = {
-        "recipe": PROG,
-        "method": facts["method"],
-        "depth": int(facts["depth"]) if facts["depth"] is not None else None,
-        "scale": facts["scale"],
-        "variant": " ".join(facts.get("extra") or []),
+        **result_row(PROG, facts),
         "bleu": {y: v["bleu"] for y, v in per_year.items()},
         "avg": sum(bleus) / len(bleus),
         "years": per_year,
@@ -396,8 +330,6 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
 
 
 def cmd_evaluate(args, extra):
-    if extra:
-        raise RecipeError("evaluate takes no extra flags after --")
     evaluate(args.save_dir, args.data_bin, args.out, args.refs, args.years, args.subset, args.ref, args.scale,
              args.average_last, True if args.cpu else None, args.config_dir)  # fmt: skip
     return 0
@@ -419,12 +351,7 @@ def _fmt(value):
 def render_table(results, config):
     years = [int(y) for y in config["evaluate"]["years"]]
     published = config.get("published", {})
-    ours = {}
-    for r in results:
-        key = (r["method"], int(r["depth"]), r.get("variant") or "")
-        if key in ours:
-            raise RecipeError(f"two results for {key[0]} {key[1]}L: {ours[key]['_path']} and {r['_path']}")
-        ours[key] = r
+    ours = by_row(results)
     rows = []  # (sort key, cells)
     order = {m: i for i, m in enumerate(METHODS)}
     footnotes = []
@@ -460,25 +387,14 @@ def render_table(results, config):
 
 
 def cmd_table(args, extra):
-    if extra:
-        raise RecipeError("table takes no extra flags after --")
     config = load_config(args.config_dir)
-    text = render_table(load_results(args.results), config)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text, encoding="utf-8")
-    print(text, end="")
+    print_table(render_table(load_results(args.results), config), args.out)
     return 0
 
 
 # ------------------------------------------------------------------ CLI
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIG_DIR, help=f"default: {DEFAULT_CONFIG_DIR}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
 
     p = sub.add_parser("prepare", help="WMT'16 release -> data-bin (test2010 ... test2016) + raw references")
     p.add_argument("--out", required=True, type=Path, help="writes OUT/data-bin, OUT/refs, OUT/prepare.json")
@@ -491,47 +407,27 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--depth", required=True, type=int, choices=DEPTHS, help="layers in each of encoder and decoder")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--scale", choices=("smoke",), help="smoke: tiny model, a few dozen CPU updates (tests)")
-    p.add_argument("--max-tokens", type=int, help="per-GPU batch in tokens (default: the config's 3584)")
-    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
-    p.set_defaults(func=cmd_train)
+    smoke_help = "smoke: tiny model, a few dozen CPU updates (tests)"
+    add_train_parser(sub, build_train_command, run_train, DEPTHS, "layers in each of encoder and decoder",
+                     smoke_help, 3584)
 
-    p = sub.add_parser("evaluate", help="average, decode newstest20xx, score with SacreBLEU, write one JSON")
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--refs", type=Path, help="directory of raw references named as the config's ref_pattern")
-    p.add_argument("--ref", action="append", metavar="YEAR=FILE", help="reference file for one year (repeatable)")
-    p.add_argument("--subset", action="append", metavar="YEAR=SUBSET",
-                   help="binarized subset holding a year (default: test{YEAR}); fairseq-preprocess --testpref a,b,c "
-                        "names them test, test1, test2, ...")  # fmt: skip
-    p.add_argument("--years", nargs="+", type=int, help="default: the config's (2010 ... 2016)")
-    p.add_argument("--out", required=True, type=Path, help="result JSON")
-    p.add_argument("--scale", choices=("smoke",), help="smoke: no BPE removal or detokenization, short decoding")
-    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
-    p.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is present")
-    p.set_defaults(func=cmd_evaluate)
+    inputs = {
+        "--refs": {"type": Path, "help": "directory of raw references named as the config's ref_pattern"},
+        "--ref": {"action": "append", "metavar": "YEAR=FILE", "help": "reference file for one year (repeatable)"},
+        "--subset": {"action": "append", "metavar": "YEAR=SUBSET",
+                     "help": "binarized subset holding a year (default: test{YEAR}); fairseq-preprocess --testpref "
+                             "a,b,c names them test, test1, test2, ..."},
+        "--years": {"nargs": "+", "type": int, "help": "default: the config's (2010 ... 2016)"},
+    }  # fmt: skip
+    add_evaluate_parser(sub, cmd_evaluate, "average, decode newstest20xx, score with SacreBLEU, write one JSON",
+                        "smoke: no BPE removal or detokenization, short decoding", inputs)
 
-    p = sub.add_parser("table", help="Markdown table of evaluate results beside the published numbers")
-    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
-    p.add_argument("--out", type=Path, help="write the table here too")
-    p.set_defaults(func=cmd_table)
+    add_table_parser(sub, cmd_table, "Markdown table of evaluate results beside the published numbers")
     return parser
 
 
 def main(argv=None):
-    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args, extra)
-    except (RecipeError, B2TConfigError, OSError) as e:
-        parser.exit(1, f"{PROG}: error: {e}\n")
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
