@@ -166,11 +166,14 @@ def stage_deep100(work):
 
 
 # ------------------------------------------------------------------ grad-norms
-GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads)
-    "6L-d512": (6, 512, 2048, 8),
-    "18L-d512": (18, 512, 2048, 8),
-    "6L-d128": (6, 128, 512, 4),
-    "18L-d128": (18, 128, 512, 4),
+GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads, extra model flags)
+    "6L-d512": (6, 512, 2048, 8, []),
+    "18L-d512": (18, 512, 2048, 8, []),
+    "6L-d128": (6, 128, 512, 4, []),
+    "18L-d128": (18, 128, 512, 4, []),
+    # B2T without its N^-1/2 init scaling (the baselines have none either way): how much of B2T's smaller
+    # gradients is that scaling
+    "18L-d128-init-none": (18, 128, 512, 4, ["--init-scaling", "none"]),
 }
 
 
@@ -179,7 +182,7 @@ def stage_grad_norms(work, seeds, batches, max_tokens):
     out = work / "grad-norms"
     out.mkdir(parents=True, exist_ok=True)
     produced = {}
-    for name, (layers, dim, ffn, heads) in GRAD_SETTINGS.items():
+    for name, (layers, dim, ffn, heads, extra) in GRAD_SETTINGS.items():
         csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
         if not csv_path.is_file():
             _run(_python_m(
@@ -190,7 +193,7 @@ def stage_grad_norms(work, seeds, batches, max_tokens):
                 "--encoder-embed-dim", dim, "--decoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn,
                 "--decoder-ffn-embed-dim", ffn, "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
                 "--share-all-embeddings", "--dropout", "0.0", "--criterion", "label_smoothed_cross_entropy",
-                "--label-smoothing", "0.1",
+                "--label-smoothing", "0.1", *extra,
             ))  # fmt: skip
         produced[name] = (csv_path, png_path)
     return produced
