@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from b2t_fairseq.analysis import loss_curves  # noqa: E402
 from b2t_fairseq.tools import pipeline  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "wmt_ende_opennmt10k"
@@ -46,22 +47,6 @@ class StudyError(Exception):
 
 def _config(name):
     return yaml.safe_load((CONFIGS / name).read_text())
-
-
-def _python_m(module, *args):
-    return [sys.executable, "-m", module, *map(str, args)]
-
-
-def _run(cmd, log=None):
-    print("+", " ".join(map(str, cmd)), flush=True)
-    out = open(log, "w") if log else None
-    try:
-        result = subprocess.run(list(map(str, cmd)), stdout=out)
-    finally:
-        if out:
-            out.close()
-    if result.returncode != 0:
-        raise StudyError(f"{' '.join(map(str, cmd[:3]))} failed with exit code {result.returncode}")
 
 
 # ------------------------------------------------------------------ data
@@ -86,16 +71,10 @@ def stage_data(work):
 
 # ------------------------------------------------------------------ train
 def _train_points(log):
-    """(update, loss) of the train_inner lines and (update, loss) of the valid lines of a fairseq json log."""
-    train, valid = [], []
-    for line in Path(log).read_text(encoding="utf-8", errors="replace").splitlines():
-        for tag, points in (("| train_inner | ", train), ("| valid | ", valid)):
-            if tag in line:
-                rec = json.loads(line.split(tag, 1)[1])
-                update = rec.get("num_updates", rec.get("valid_num_updates"))
-                loss = rec.get("loss", rec.get("valid_loss"))
-                points.append((int(float(update)), float(loss)))
-    return train, valid
+    """(update, loss) of the train_inner and valid lines of a fairseq json log, by b2t-loss-curves' parser."""
+    splits = loss_curves.parse_log(Path(log).read_text(encoding="utf-8", errors="replace"))
+    return tuple([(u, v) for u, _, v in loss_curves.curve(splits.get(split, []), "loss")]
+                 for split in ("train_inner", "valid"))  # fmt: skip
 
 
 def _finite(x):
@@ -185,7 +164,7 @@ def stage_grad_norms(work, seeds, batches, max_tokens):
     for name, (layers, dim, ffn, heads, extra) in GRAD_SETTINGS.items():
         csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
         if not csv_path.is_file():
-            _run(_python_m(
+            pipeline._run(pipeline._python_m(
                 "b2t_fairseq.analysis.grad_norms", "--data-bin", data_bin, "--connections", *METHODS,
                 "--seeds", *seeds, "--num-batches", batches, "--max-tokens", max_tokens,
                 "--out-csv", csv_path, "--out-png", png_path, "--title", f"{name}, at initialization", "--",
@@ -243,7 +222,7 @@ def stage_report(work, methods, seeds):
     runs = [r for r in runs if r["method"] in methods and str(r["seed"]) in map(str, seeds)]
     if runs:
         curves = [f"{r['method']} seed {r['seed']}={r['log']}" for r in runs]
-        _run(_python_m("b2t_fairseq.analysis.loss_curves", *sum((["--run", c] for c in curves), []),
+        pipeline._run(pipeline._python_m("b2t_fairseq.analysis.loss_curves", *sum((["--run", c] for c in curves), []),
                        "--out-png", DOCS / "loss_curves_18l.png", "--out-csv", DOCS / "loss_curves_18l.csv",
                        "--title", "18L-18L, d64, real WMT sample (10k pairs)"))  # fmt: skip
     deep = work / "100l-b2t" / "result.json"
