@@ -12,7 +12,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
 from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.modules.connections import CONNECTIONS, get_connection
+from b2t_fairseq.modules.connections import CONNECTIONS, INIT_RULES, get_connection
 
 # NormFormer options of fairseq's layers that rewire the residual path in ways our layers do not.
 _UNSUPPORTED = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
@@ -23,19 +23,28 @@ class B2TOptions(FairseqDataclass):
     connection: ChoiceEnum(list(CONNECTIONS)) = field(
         default="b2t",
         metadata={
-            "help": "residual wiring of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
-            "post-ln (fairseq's --arch transformer) or pre-ln (fairseq's --*-normalize-before)"
+            "help": "the residual method of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
+            "post-ln (fairseq's --arch transformer), pre-ln (fairseq's --*-normalize-before), deepnorm (DeepNet), "
+            "admin, tfixup, rezero, peri-ln; formulas in README and b2t_fairseq/modules/connections.py"
         },
     )
     residual_bottom_to_top: bool = field(
         default=False, metadata={"help": "the authors' spelling of --connection b2t (accepted for their commands)"}
     )
-    init_scaling: ChoiceEnum(["auto", "depth", "none"]) = field(
+    init_scaling: ChoiceEnum(["auto", "none", *INIT_RULES]) = field(
         default="auto",
         metadata={
-            "help": "depth: multiply every non-LN weight matrix of each layer by N^-1/2 after fairseq's init "
-            "(N = layers in that stack), as the authors' current code does; none: fairseq's init unchanged; "
-            "auto: depth for b2t, none otherwise"
+            "help": "initialisation applied after fairseq's: auto (default) = the method's own (b2t: depth, "
+            "deepnorm: deepnorm, tfixup: tfixup, the others none); depth = B2T's N^-1/2 on every non-LN weight "
+            "matrix of each layer (the authors' current code); deepnorm / tfixup = those methods' rules; "
+            "none = fairseq's init unchanged. A rule that is not the method's own is allowed and logged"
+        },
+    )
+    admin_output_change: ChoiceEnum(["O(logn)", "O(n)", "O(1)"]) = field(
+        default="O(logn)",
+        metadata={
+            "help": "--connection admin only: admin-torch's output_change_scale, which sets omega's initial value "
+            "(O(logn), the default: sqrt((n+1)/ln(n+1)-1); O(n): 1; O(1): sqrt(n); n = residual sub-layers)"
         },
     )
     sampling_method: ChoiceEnum(["none", "worddrop"]) = field(
@@ -86,15 +95,30 @@ def resolve_options(args, stacks=("encoder", "decoder")):
             f"--residual-bottom-to-top means --connection b2t, but --connection {connection} was given; drop one"
         )
     conn = get_connection(connection)
+    if stacks == ("decoder",) and not conn.decoder_only:
+        raise B2TConfigError(
+            f"--connection {connection} defines its initialisation for encoder-decoder models only, so "
+            "transformer_lm_b2t does not offer it; choose another --connection"
+        )
     for stack in stacks:
         flag = f"{stack}_normalize_before"
-        if conn.normalize_before:
+        if conn.final_norm:
             setattr(args, flag, True)
         elif safe_getattr(args, flag, False):
             raise B2TConfigError(
                 f"--{flag.replace('_', '-')} makes a Pre-LN layer, which contradicts --connection {connection}; "
                 "drop it, or use --connection pre-ln"
             )
+    if not conn.layer_norms and safe_getattr(args, "layernorm_embedding", False):
+        raise B2TConfigError(
+            f"--layernorm-embedding adds a layer norm, which --connection {connection} removes; drop it"
+        )
+    admin_output_change = safe_getattr(args, "admin_output_change", None)
+    # (the default value passes: a language model's dataclass config carries it for every method)
+    if admin_output_change not in (None, "O(logn)") and connection != "admin":
+        raise B2TConfigError(
+            f"--admin-output-change only applies to --connection admin, not {connection}; drop it"
+        )
     for name in _UNSUPPORTED:
         if safe_getattr(args, name, False):
             raise B2TConfigError(f"--{name.replace('_', '-')} is not supported by b2t_fairseq models; drop it")
@@ -102,8 +126,10 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     init_scaling = safe_getattr(args, "init_scaling", None) or "auto"
     if init_scaling == "auto":
         init_scaling = conn.default_init_scaling
-    if init_scaling not in ("depth", "none"):
-        raise B2TConfigError(f"unknown --init-scaling {init_scaling!r}; choose depth, none or auto")
+    if init_scaling != "none" and init_scaling not in INIT_RULES:
+        raise B2TConfigError(
+            f"unknown --init-scaling {init_scaling!r}; choose auto, none, {', '.join(INIT_RULES)}"
+        )
 
     sampling_method = safe_getattr(args, "sampling_method", None) or "none"
     rates = {}
@@ -118,6 +144,7 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     args.connection = connection
     args.residual_bottom_to_top = bool(safe_getattr(args, "residual_bottom_to_top", False))
     args.init_scaling = init_scaling
+    args.admin_output_change = admin_output_change or "O(logn)"
     args.sampling_method = sampling_method
     args.enc_replace_rate = rates["enc_replace_rate"]
     args.dec_replace_rate = rates["dec_replace_rate"]

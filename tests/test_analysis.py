@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import b2t_fairseq  # noqa: F401  (registers the models)
 from b2t_fairseq.analysis import grad_norms, loss_curves
 from b2t_fairseq.analysis.live import LayerGradNormLogger
+from b2t_fairseq.modules import CONNECTIONS as ALL_METHODS
 from conftest import REPO, TINY_MODEL, TINY_OPTIM, build_model, run
 
 CONNECTIONS = ("post-ln", "pre-ln", "b2t")
@@ -72,7 +73,7 @@ def norm(tensors):
 
 
 # --------------------------------------------------------------------------------------------- the numbers
-@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("connection", ALL_METHODS)
 def test_layer_and_parameter_norms_match_autograd(data_dir, connection):
     model, task = small_model(data_dir, connection)
     batches = samples(task.src_dict)
@@ -91,7 +92,7 @@ def test_layer_and_parameter_norms_match_autograd(data_dir, connection):
                 assert measured[stack, i, "output"][b] == pytest.approx(grads[i].norm().item(), rel=1e-4)
                 params = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
                 assert measured[stack, i, "params"][b] == pytest.approx(norm(params), rel=1e-4)
-            if connection == "pre-ln":  # the first layer norm reads the embedded input itself
+            if connection in ("pre-ln", "peri-ln"):  # the first layer norm reads the embedded input itself
                 assert measured[stack, 1, "ln1_in"][b] == pytest.approx(grads[0].norm().item(), rel=1e-4)
     assert all(len(values) == len(batches) for values in measured.values())
     assert model.encoder.layers[0].fc1.weight.grad is None, "measure() must not leave gradients behind"
@@ -108,15 +109,15 @@ class Recording:
         self.taps += [s, h]
         return h
 
-    def sublayer(self, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm):
         if self.name == "pre-ln":
             return x + f(self._norm(norm, x))
         return self._norm(norm, x + f(x))
 
-    def last_sublayer(self, x, f, norm, bottom):
+    def last_sublayer(self, layer, name, x, f, norm, bottom):
         if self.name == "b2t":
             return self._norm(norm, bottom + x + f(x))
-        return self.sublayer(x, f, norm)
+        return self.sublayer(layer, name, x, f, norm)
 
 
 @pytest.mark.parametrize("connection", CONNECTIONS)

@@ -18,7 +18,9 @@ and decoder layer (1 = bottom) it records the L2 norm of
     lnK_out  the gradient w.r.t. the tensor that layer norm returns
 
 LN1 is self-attention's layer norm, LN2 cross-attention's, LN3 the FFN's (encoder and language-model layers:
-LN1, then LN2 = the FFN's). The gradient at a tensor is its total gradient over all its uses. What the
+LN1, then LN2 = the FFN's). Methods without layer norms (tfixup, rezero) have only ``output`` and ``params``;
+for the other methods the lnK positions are the input and output of the sub-layer's own norm as their
+formula places it (README's method table). The gradient at a tensor is its total gradient over all its uses. What the
 positions are, per connection (x = layer input, decoder layer shown; (1)-(5) are the paper's Fig. 2(a)):
 
     position | post-ln                             | b2t                        | pre-ln
@@ -53,7 +55,7 @@ import torch
 
 from b2t_fairseq.analysis.output import pyplot, save_png, write_csv
 from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.modules import ConnectedDecoderLayer, ConnectedEncoderLayer
+from b2t_fairseq.modules import CONNECTIONS, ConnectedDecoderLayer, ConnectedEncoderLayer
 from b2t_fairseq.tools.pipeline import split_passthrough
 
 PROG = "b2t-grad-norms"
@@ -458,8 +460,8 @@ def build_parser():
     )
     source = parser.add_argument_group("models (one of: flags after '--', or --path)")
     source.add_argument(
-        "--connections", nargs="+", choices=("b2t", "post-ln", "pre-ln"), metavar="C",
-        help="build one model per connection (b2t, post-ln, pre-ln) at initialization, with the flags after '--' "
+        "--connections", nargs="+", choices=list(CONNECTIONS), metavar="C",
+        help=f"build one model per connection ({', '.join(CONNECTIONS)}) at initialization, with the flags after '--' "
         "(default: the --connection among those flags, b2t if none; arch default transformer_b2t)",
     )  # fmt: skip
     source.add_argument(

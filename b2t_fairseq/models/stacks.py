@@ -3,7 +3,7 @@ from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from b2t_fairseq.modules import ConnectedDecoderLayer, ConnectedEncoderLayer, dropping_words, get_connection
+from b2t_fairseq.modules import ConnectedDecoderLayer, ConnectedEncoderLayer, dropping_words, get_connection, stack_shape
 from b2t_fairseq.modules.word_dropout import word_dropout
 from b2t_fairseq.options import word_dropout_rate
 
@@ -17,13 +17,14 @@ def _wrap_layer(layer, cfg):
 
 
 class B2TTransformerEncoder(TransformerEncoderBase):
-    """Stack-level behaviour is fairseq's: a final layer norm exists only for pre-ln (normalize_before)."""
+    """Stack-level behaviour is fairseq's: a final layer norm exists only for methods with ``final_norm``
+    (options.resolve_options sets fairseq's normalize_before from it)."""
 
     def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
         if return_fc:
             raise ValueError("return_fc is not supported by b2t_fairseq encoders")
         # set before fairseq's __init__, which builds the layers
-        self.connection = get_connection(cfg.connection)
+        self.connection = get_connection(cfg.connection)(stack_shape(cfg, "encoder"))
         super().__init__(cfg, dictionary, embed_tokens)
         self.word_dropout_p = word_dropout_rate(cfg, "enc")
 
@@ -40,7 +41,8 @@ class B2TTransformerEncoder(TransformerEncoderBase):
 
 class B2TTransformerDecoder(TransformerDecoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        self.connection = get_connection(cfg.connection)
+        side = "decoder-only" if no_encoder_attn else "decoder"
+        self.connection = get_connection(cfg.connection)(stack_shape(cfg, side))
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )

@@ -12,7 +12,7 @@ from fairseq.utils import safe_getattr
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
-from b2t_fairseq.modules import rescale_stack
+from b2t_fairseq.modules import apply_init_scaling
 from b2t_fairseq.options import add_b2t_args, as_namespace, resolve_options
 
 
@@ -28,9 +28,8 @@ class TransformerB2TModel(TransformerModel):
         args = as_namespace(args)
         transformer_b2t(args)
         model = super().build_model(args, task)
-        if args.init_scaling == "depth":
-            rescale_stack(model.encoder.layers)
-            rescale_stack(model.decoder.layers)
+        apply_init_scaling(model.encoder, args.init_scaling)
+        apply_init_scaling(model.decoder, args.init_scaling)
         return attach_layer_grad_norm_logger(model, args)
 
     @classmethod

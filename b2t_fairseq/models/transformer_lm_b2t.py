@@ -17,7 +17,7 @@ from fairseq.utils import safe_getattr
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
-from b2t_fairseq.modules import get_connection, rescale_stack
+from b2t_fairseq.modules import apply_init_scaling, get_connection
 from b2t_fairseq.options import B2TOptions, as_namespace, resolve_options
 
 
@@ -66,8 +66,7 @@ class TransformerLMB2TModel(fs.TransformerLanguageModel):
 
         cfg = TransformerConfig.from_namespace(args)
         decoder = B2TTransformerDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
-        if args.init_scaling == "depth":
-            rescale_stack(decoder.layers)
+        apply_init_scaling(decoder, args.init_scaling)
         return attach_layer_grad_norm_logger(cls(decoder), args)
 
 
@@ -76,7 +75,7 @@ def _mirror(name, fairseq_arch):
         resolve_options(args, stacks=("decoder",))
         fairseq_arch(args)
         # fairseq's LM presets hard-wire Pre-LN; the connection decides instead
-        args.decoder_normalize_before = get_connection(args.connection).normalize_before
+        args.decoder_normalize_before = get_connection(args.connection).final_norm
 
     arch.__name__ = name
     if name == "transformer_lm_b2t":

@@ -1,25 +1,27 @@
-"""The authors' "rescaling" initialisation (their commit of May 2023).
+"""``--init-scaling``: a method's own initialisation, applied once after fairseq's.
 
-Every weight matrix inside a layer that is not a layer norm — q/k/v/out projections of self- and
-cross-attention, fc1, fc2 — is multiplied by N^-1/2 once, after fairseq's own init, where N is the number
-of layers of that stack. Biases, layer norms and embeddings are left alone.
+The rules live with their methods in :mod:`connections` (``depth`` is B2T's N^-1/2 on every non-LN weight
+matrix of each layer, the authors' current code; ``deepnorm`` and ``tfixup`` are DeepNet's and T-Fixup's).
+Any rule can be combined with any method; the model logs when it is not the method's own.
 """
+import logging
+
 import torch
 
+from b2t_fairseq.modules.connections import INIT_RULES
 
-def scaled_parameter_names(layer):
-    return [name for name, p in layer.named_parameters() if p.dim() >= 2 and "layer_norm" not in name]
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def rescale_stack(layers):
-    """Scale the layers of one stack by len(layers)^-1/2. Returns the factor used."""
-    # nn.ModuleList's own iterator: fairseq's LayerDropModuleList.__iter__ skips layers in training mode
-    modules = list(layers._modules.values())
-    factor = len(modules) ** -0.5
-    for layer in modules:
-        names = set(scaled_parameter_names(layer))
-        for name, p in layer.named_parameters():
-            if name in names:
-                p.mul_(factor)
-    return factor
+def apply_init_scaling(stack, rule):
+    """Apply init rule ``rule`` (a key of INIT_RULES, or "none") to one built stack. Returns its factor."""
+    if rule == "none":
+        return None
+    connection = stack.connection
+    if connection.default_init_scaling != rule:
+        logger.info(
+            f"--init-scaling {rule} on --connection {connection.name}: not the method's own initialisation "
+            f"({connection.default_init_scaling})"
+        )
+    return INIT_RULES[rule].scale_init(stack, connection.shape)

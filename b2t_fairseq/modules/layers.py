@@ -1,4 +1,4 @@
-"""Transformer encoder/decoder layers whose residual wiring is a :mod:`connections` object.
+"""Transformer encoder/decoder layers whose residual wiring is a :mod:`connections` object (one per stack).
 
 They subclass fairseq's own layers, so submodule names (``self_attn``, ``self_attn_layer_norm``,
 ``encoder_attn``, ``encoder_attn_layer_norm``, ``fc1``, ``fc2``, ``final_layer_norm``), initialisation and
@@ -12,6 +12,8 @@ from torch import Tensor
 
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
+from b2t_fairseq.modules.connections import NORM_OF, SUBLAYERS
+
 # NormFormer-style extras of fairseq's decoder layer that change the residual path; we do not wire them.
 _UNSUPPORTED_DECODER_EXTRAS = {
     "attn_ln": "--scale-attn",
@@ -21,10 +23,19 @@ _UNSUPPORTED_DECODER_EXTRAS = {
 }
 
 
+def _attach_method(layer, connection, names):
+    """Give ``layer`` what its method adds (parameters) and takes away (layer norms)."""
+    layer.connection = connection
+    if not connection.layer_norms:
+        for name in names:
+            setattr(layer, NORM_OF[name], None)
+    connection.add_parameters(layer, names)
+
+
 class ConnectedEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg, connection):
         super().__init__(cfg)
-        self.connection = connection
+        _attach_method(self, connection, ("self_attn", "ffn"))
 
     def feed_forward(self, x):
         x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
@@ -42,8 +53,8 @@ class ConnectedEncoderLayer(TransformerEncoderLayerBase):
             return self.dropout_module(h)
 
         bottom = x
-        x = self.connection.sublayer(x, self_attention, self.self_attn_layer_norm)
-        return self.connection.last_sublayer(x, self.feed_forward, self.final_layer_norm, bottom)
+        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm)
+        return self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, bottom)
 
 
 class ConnectedDecoderLayer(TransformerDecoderLayerBase):
@@ -54,7 +65,7 @@ class ConnectedDecoderLayer(TransformerDecoderLayerBase):
                 raise ValueError(f"{flag} is not supported by b2t_fairseq layers; drop it")
         if self.cross_self_attention:
             raise ValueError("--cross-self-attention is not supported by b2t_fairseq layers; drop it")
-        self.connection = connection
+        _attach_method(self, connection, ("self_attn", "ffn") if self.encoder_attn is None else SUBLAYERS)
 
     def feed_forward(self, x):
         x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
@@ -115,8 +126,8 @@ class ConnectedDecoderLayer(TransformerDecoderLayerBase):
             return self.dropout_module(h)
 
         bottom = x
-        x = self.connection.sublayer(x, self_attention, self.self_attn_layer_norm)
+        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm)
         if self.encoder_attn is not None and encoder_out is not None:
-            x = self.connection.sublayer(x, cross_attention, self.encoder_attn_layer_norm)
-        x = self.connection.last_sublayer(x, self.feed_forward, self.final_layer_norm, bottom)
+            x = self.connection.sublayer(self, "encoder_attn", x, cross_attention, self.encoder_attn_layer_norm)
+        x = self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, bottom)
         return x, attn, None

@@ -1,0 +1,335 @@
+"""The deep-Transformer methods beside B2T (METHODS.md): DeepNet, Admin, T-Fixup, ReZero, Peri-LN.
+
+Each layer is checked against an independent recomputation of METHODS.md's formula from the model's own
+submodules (float64, eval mode, several depths); the init constants are recomputed here from the formulas and
+checked against a same-seed post-ln build with fairseq's init; every method trains at 18L-18L.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import b2t_fairseq  # noqa: F401
+from conftest import build_model, parse_args
+from test_layers import DIMS, LM_DIMS, NO_DROPOUT, batch, causal_mask, cross_attn, embed, randomize, self_attn
+
+NEW_METHODS = ("deepnorm", "admin", "tfixup", "rezero", "peri-ln")
+LM_METHODS = ("deepnorm", "admin", "rezero", "peri-ln")  # T-Fixup has no decoder-only form
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def nmt(method, enc, dec=None, extra=()):
+    dec = enc if dec is None else dec
+    return ["--arch", "transformer_b2t", "--connection", method, "--encoder-layers", str(enc),
+            "--decoder-layers", str(dec), *DIMS, *extra]  # fmt: skip
+
+
+def lm(method, layers, extra=()):
+    return ["--arch", "transformer_lm_b2t", "--connection", method, "--decoder-layers", str(layers), *LM_DIMS, *extra]
+
+
+# ------------------------------------------------------------------------------- METHODS.md's formulas
+def deepnorm_alpha(side, n, m):
+    if side == "encoder":
+        return 0.81 * (n**4 * m) ** 0.0625
+    if side == "decoder":
+        return (3 * m) ** 0.25
+    return (2 * m) ** 0.25
+
+
+def ref_sublayer(method, layer, name, x, fx_of, norm_name, alpha):
+    """One sub-layer; ``fx_of(h)`` applies the sub-layer F to h."""
+    norm = getattr(layer, norm_name, None)
+    if method == "deepnorm":
+        return norm(alpha * x + fx_of(x))
+    if method == "admin":
+        return norm(getattr(layer, f"{name}_omega") * x + fx_of(x))
+    if method == "tfixup":
+        return x + fx_of(x)
+    if method == "rezero":
+        return x + getattr(layer, f"{name}_rezero_a") * fx_of(x)
+    if method == "peri-ln":
+        return x + getattr(layer, f"{name}_out_layer_norm")(fx_of(norm(x)))
+    raise AssertionError(method)
+
+
+def ffn(layer):
+    return lambda h: layer.fc2(F.relu(layer.fc1(h)))
+
+
+def ref_encoder_layer(method, layer, x, pad, alpha):
+    x = ref_sublayer(method, layer, "self_attn", x, lambda h: self_attn(layer, h, pad), "self_attn_layer_norm", alpha)
+    return ref_sublayer(method, layer, "ffn", x, ffn(layer), "final_layer_norm", alpha)
+
+
+def ref_decoder_layer(method, layer, x, enc, pad, alpha):
+    mask = causal_mask(x.size(0)).to(x.dtype)
+    x = ref_sublayer(
+        method, layer, "self_attn", x, lambda h: self_attn(layer, h, attn_mask=mask), "self_attn_layer_norm", alpha
+    )
+    if enc is not None:
+        x = ref_sublayer(
+            method, layer, "encoder_attn", x, lambda h: cross_attn(layer, h, enc, pad), "encoder_attn_layer_norm", alpha
+        )
+    return ref_sublayer(method, layer, "ffn", x, ffn(layer), "final_layer_norm", alpha)
+
+
+def final(method, stack, x):
+    if method == "peri-ln":
+        return stack.layer_norm(x)
+    assert stack.layer_norm is None
+    return x
+
+
+@torch.no_grad()
+def ref_model(method, model, src, prev, n, m):
+    pad = src.eq(model.encoder.padding_idx)
+    x = embed(model.encoder, src) * (~pad).t().unsqueeze(-1).to(torch.float64)
+    for layer in model.encoder.layers._modules.values():
+        x = ref_encoder_layer(method, layer, x, pad, deepnorm_alpha("encoder", n, m))
+    enc = final(method, model.encoder, x)
+    y = embed(model.decoder, prev)
+    for layer in model.decoder.layers._modules.values():
+        y = ref_decoder_layer(method, layer, y, enc, pad, deepnorm_alpha("decoder", n, m))
+    return model.decoder.output_projection(final(method, model.decoder, y).transpose(0, 1))
+
+
+@pytest.mark.parametrize("enc,dec", [(1, 1), (3, 2), (6, 6)])
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_model_equals_methods_formula(data_dir, method, enc, dec):
+    model, task, _ = build_model(data_dir, nmt(method, enc, dec))
+    model.double()
+    randomize(model)
+    model.eval()
+    src, lengths, prev = batch(task.source_dictionary)
+    assert src.eq(task.source_dictionary.pad()).any()
+    with torch.no_grad():
+        logits = model(src, lengths, prev)[0]
+    torch.testing.assert_close(logits, ref_model(method, model, src, prev, enc, dec), **F64)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("method", LM_METHODS)
+def test_language_model_equals_methods_formula(data_dir, method, layers):
+    model, task, _ = build_model(data_dir, lm(method, layers), task="language_modeling")
+    model.double()
+    randomize(model)
+    model.eval()
+    _, _, tokens = batch(task.source_dictionary, tgt_len=9)
+    with torch.no_grad():
+        logits = model(tokens)[0]
+        y = embed(model.decoder, tokens)
+        for layer in model.decoder.layers._modules.values():
+            y = ref_decoder_layer(method, layer, y, None, None, deepnorm_alpha("decoder-only", None, layers))
+        expected = model.decoder.output_projection(final(method, model.decoder, y).transpose(0, 1))
+    torch.testing.assert_close(logits, expected, **F64)
+
+
+def test_methods_differ_from_each_other_with_identical_weights(data_dir):
+    """Load one set of shared weights into every method: all outputs differ pairwise (no method is a no-op)."""
+    outs = {}
+    for method in ("post-ln", "deepnorm", "admin", "tfixup", "rezero"):
+        model, task, _ = build_model(data_dir, nmt(method, 2, extra=["--init-scaling", "none"]), seed=3)
+        randomize(model, seed=4)
+        model.eval()
+        src, lengths, prev = batch(task.source_dictionary)
+        with torch.no_grad():
+            outs[method] = model(src, lengths, prev)[0]
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+
+
+# ------------------------------------------------------------------------------- parameters and names
+def test_added_parameters_are_plainly_named_and_lns_removed(data_dir):
+    post, _, _ = build_model(data_dir, nmt("post-ln", 2))
+    base = set(post.state_dict())
+    added = {
+        "admin": {"_omega"},
+        "rezero": {"_rezero_a"},
+        "peri-ln": {"_out_layer_norm.weight", "_out_layer_norm.bias", "encoder.layer_norm.", "decoder.layer_norm."},
+        "deepnorm": set(),
+        "tfixup": set(),
+    }
+    for method, suffixes in added.items():
+        model, _, _ = build_model(data_dir, nmt(method, 2))
+        keys = set(model.state_dict())
+        extra = keys - base
+        if method in ("tfixup", "rezero"):  # no layer norm anywhere
+            assert not any("layer_norm" in k for k in keys), method
+            assert base - keys == {k for k in base if "layer_norm" in k}
+        else:
+            assert base <= keys, method
+        assert all(any(s in k for s in suffixes) for k in extra), (method, sorted(extra)[:4])
+        assert bool(extra) == bool(suffixes), method
+    admin, _, _ = build_model(data_dir, nmt("admin", 2))
+    dec = admin.decoder.layers[0]
+    assert {n for n, _ in dec.named_parameters() if n.endswith("_omega")} == {
+        "self_attn_omega", "encoder_attn_omega", "ffn_omega"}  # fmt: skip
+    assert dec.ffn_omega.shape == (16,)
+
+
+# ------------------------------------------------------------------------------- init constants
+# METHODS.md's table, N = M: deepnorm enc beta, dec beta; admin omega enc, dec; tfixup enc, dec
+TABLE = {
+    6: dict(deepnorm=(0.497, 0.343), admin=(2.017, 2.335), tfixup=(0.428, 0.369)),
+    18: dict(deepnorm=(0.353, 0.261), admin=(3.041, 3.567), tfixup=(0.325, 0.280)),
+    100: dict(deepnorm=(0.206, 0.170), admin=(6.075, 7.193), tfixup=(0.212, 0.183)),
+}
+SCALED = {"self_attn.v_proj.weight", "self_attn.out_proj.weight", "encoder_attn.v_proj.weight",
+          "encoder_attn.out_proj.weight", "fc1.weight", "fc2.weight"}  # fmt: skip
+TINY_DEEP = (
+    "--encoder-embed-dim 8 --decoder-embed-dim 8 --encoder-ffn-embed-dim 8 --decoder-ffn-embed-dim 8 "
+    "--encoder-attention-heads 2 --decoder-attention-heads 2"
+).split()
+
+
+def _ratios(model, reference):
+    """{parameter name: scalar ratio} where model's parameter is a scalar multiple of reference's."""
+    ref = reference.state_dict()
+    out = {}
+    for name, p in model.state_dict().items():
+        if name not in ref or not p.is_floating_point():
+            continue
+        r = ref[name]
+        mask = r.abs() > 1e-6
+        if not mask.any():
+            assert torch.equal(p, r), name
+            continue
+        ratio = p[mask] / r[mask]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5), name
+        out[name] = ratio[0].item()
+    return out
+
+
+@pytest.mark.parametrize("depth", [6, 18, 100])
+@pytest.mark.parametrize("method", ["deepnorm", "tfixup"])
+def test_init_constants_and_exactly_the_listed_parameters(data_dir, method, depth):
+    argv = ["--encoder-layers", str(depth), "--decoder-layers", str(depth), *TINY_DEEP]
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", method, *argv], seed=7)
+    post, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "post-ln", *argv], seed=7)
+    enc_c, dec_c = TABLE[depth][method]
+    n = m = depth
+    exact = {
+        "deepnorm": (0.87 * (n**4 * m) ** (-1 / 16), (12 * m) ** -0.25),
+        "tfixup": (0.67 * n**-0.25, (9 * m) ** -0.25),
+    }[method]
+    assert round(exact[0], 3) == enc_c and round(exact[1], 3) == dec_c  # the table is the formula
+    ratios = _ratios(model, post)
+    for name, ratio in ratios.items():
+        stack, _, rest = name.partition(".layers.")
+        sub = rest.split(".", 1)[1] if rest else None
+        want = 1.0
+        if sub in SCALED:
+            want = exact[0] if stack == "encoder" else exact[1]
+            if method == "tfixup" and sub.endswith("v_proj.weight"):
+                want *= math.sqrt(2)  # reference: undo fairseq's xavier gain 1/sqrt(2) on v
+        elif method == "tfixup" and name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            want = (9 * (n if stack == "encoder" else m)) ** -0.25
+        assert ratio == pytest.approx(want, rel=1e-5), name
+
+
+def test_tfixup_shared_embeddings_scaled_once(data_dir):
+    argv = ["--encoder-layers", "6", "--decoder-layers", "6", *TINY_DEEP, "--share-all-embeddings"]
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "tfixup", *argv], seed=2)
+    post, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "post-ln", *argv], seed=2)
+    assert model.encoder.embed_tokens is model.decoder.embed_tokens
+    ratio = _ratios(model, post)["encoder.embed_tokens.weight"]
+    assert ratio == pytest.approx(54**-0.25, rel=1e-6)
+
+
+@pytest.mark.parametrize("depth", [6, 18, 100])
+def test_admin_omega_and_rezero_start(data_dir, depth):
+    argv = ["--encoder-layers", str(depth), "--decoder-layers", str(depth), *TINY_DEEP]
+    admin, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "admin", *argv])
+    enc_w, dec_w = TABLE[depth]["admin"]
+    for stack, n, want in (("encoder", 2 * depth, enc_w), ("decoder", 3 * depth, dec_w)):
+        exact = math.sqrt((n + 1) / math.log(n + 1) - 1)
+        assert round(exact, 3) == want
+        omegas = [p for k, p in getattr(admin, stack).named_parameters() if k.endswith("_omega")]
+        assert len(omegas) == depth * (2 if stack == "encoder" else 3)
+        assert all(torch.allclose(p, torch.full_like(p, exact)) for p in omegas)
+    rezero, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "rezero", *argv])
+    a = [p for k, p in rezero.named_parameters() if k.endswith("_rezero_a")]
+    assert len(a) == 5 * depth and all(p.item() == 0.0 for p in a)
+
+
+def test_admin_output_change_forms(data_dir):
+    argv = nmt("admin", 3)
+    for form, want in (("O(n)", 1.0), ("O(1)", math.sqrt(6))):
+        model, _, _ = build_model(data_dir, [*argv, "--admin-output-change", form])
+        assert torch.allclose(model.encoder.layers[0].ffn_omega, torch.full((16,), want))
+
+
+def test_foreign_init_rule_is_allowed_and_logged(data_dir, caplog):
+    with caplog.at_level("INFO"):
+        model, _, _ = build_model(data_dir, nmt("admin", 2, extra=["--init-scaling", "deepnorm"]))
+    assert "not the method's own initialisation" in caplog.text
+    assert parse_args(data_dir, nmt("deepnorm", 2)).init_scaling == "deepnorm"
+    assert parse_args(data_dir, nmt("tfixup", 2)).init_scaling == "tfixup"
+    assert parse_args(data_dir, nmt("rezero", 2)).init_scaling == "none"
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "argv,task,message",
+    [
+        (nmt("tfixup", 2, extra=["--encoder-normalize-before"]), "translation", "--encoder-normalize-before"),
+        (nmt("deepnorm", 2, extra=["--admin-output-change", "O(n)"]), "translation", "only applies to --connection admin"),
+        (nmt("rezero", 2, extra=["--layernorm-embedding"]), "translation", "--layernorm-embedding"),
+        (lm("tfixup", 2), "language_modeling", "encoder-decoder models only"),
+    ],
+)
+def test_contradicting_flags_fail_with_the_fix(data_dir, argv, task, message):
+    from b2t_fairseq.errors import B2TConfigError
+
+    with pytest.raises(B2TConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_args(data_dir, argv, task)
+
+
+def test_unknown_method_lists_the_valid_ones(data_dir, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(data_dir, nmt("fixup", 2))
+    err = capsys.readouterr().err
+    assert all(m in err for m in ("b2t", "post-ln", "pre-ln", *NEW_METHODS))
+
+
+# ------------------------------------------------------------------------------- decoding and training
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_incremental_decoding_matches_teacher_forcing(data_dir, method):
+    model, task, _ = build_model(data_dir, nmt(method, 3))
+    model.double()  # without layer norms (T-Fixup, ReZero) randomized activations grow beyond float32's 1e-5
+    randomize(model)
+    model.eval()
+    src, lengths, prev = batch(task.source_dictionary, tgt_len=7)
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        full = model.get_normalized_probs(model.decoder(prev, enc), log_probs=True)
+        state = {}
+        steps = [
+            model.get_normalized_probs(model.decoder(prev[:, : t + 1], enc, incremental_state=state), log_probs=True)
+            for t in range(prev.size(1))
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_trains_at_18_layers(data_dir, method):
+    """18L-18L at width 16: 40 Adam steps on one batch, losses finite and falling."""
+    model, task, _ = build_model(data_dir, nmt(method, 18, extra=NO_DROPOUT), seed=1)
+    src, lengths, prev = batch(task.source_dictionary, bsz=4, tgt_len=6)
+    target = prev.roll(-1, dims=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if method != "tfixup" else 3e-4)
+    model.train()
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        out = model(src, lengths, prev)[0]
+        loss = F.cross_entropy(out.reshape(-1, out.size(-1)), target.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses[::8]
