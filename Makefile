@@ -12,9 +12,10 @@ TORCH  := torch==2.13.0
 # fairseq 0.12 with packaging fixes for Python >= 3.11. Installed without its dependencies because it
 # requires torchaudio, which fairseq's text code never imports and which does not load beside a CPU torch.
 FAIRSEQ := fairseq-fixed==0.12.3.1
-# fairseq's remaining dependencies, then ours (setup.py), then test/plot tools.
+# fairseq's remaining dependencies, then ours (setup.py), then test/plot tools. admin-torch is a test-only
+# numerical reference for --connection admin (its only requirement, torch, is already satisfied).
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
-          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 matplotlib pytest
+          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 matplotlib pytest admin-torch==0.1.0
 
 DATA ?=
 SRC  ?=
