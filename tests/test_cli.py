@@ -139,7 +139,10 @@ def test_deep_preset_rejects_contradicting_depth(toy_corpus, tmp_path):
 def test_unknown_connection_is_an_argparse_error(toy_corpus, tmp_path):
     proc = run(
         "fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t",
-        "--connection", "deepnorm", "--cpu", check=False, cwd=tmp_path,
+        "--connection", "fixup", "--cpu", check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "invalid choice: 'deepnorm'" in proc.stderr
+    assert "invalid choice: 'fixup'" in proc.stderr
+    from b2t_fairseq.modules import CONNECTIONS
+
+    assert all(f"'{name}'" in proc.stderr for name in CONNECTIONS)  # the valid ones are listed
