@@ -361,11 +361,8 @@ def test_lm_baselines_equal_fairseq_stock_transformer_lm(data_dir, connection):
 
 
 # ----------------------------------------------------------------------------- incremental decoding
-@pytest.mark.parametrize("connection", CONNECTIONS)
-def test_incremental_decoding_matches_teacher_forcing(data_dir, connection):
-    model, task = build(data_dir, nmt_argv(connection, 3))
-    randomize(model)
-    model.eval()
+def assert_incremental_equals_full(model, task):
+    """Step-by-step decoding with fairseq's incremental state gives the teacher-forced log-probabilities."""
     src, lengths, prev = batch(task.source_dictionary, tgt_len=7)
     with torch.no_grad():
         enc = model.encoder(src, lengths)
@@ -376,6 +373,14 @@ def test_incremental_decoding_matches_teacher_forcing(data_dir, connection):
             out = model.decoder(prev[:, : t + 1], enc, incremental_state=state)
             steps.append(model.get_normalized_probs(out, log_probs=True))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("connection", CONNECTIONS)
+def test_incremental_decoding_matches_teacher_forcing(data_dir, connection):
+    model, task = build(data_dir, nmt_argv(connection, 3))
+    randomize(model)
+    model.eval()
+    assert_incremental_equals_full(model, task)
 
 
 @pytest.mark.parametrize("connection", CONNECTIONS)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import b2t_fairseq  # noqa: F401
 from conftest import build_model, parse_args
-from test_layers import DIMS, LM_DIMS, NO_DROPOUT, batch, causal_mask, cross_attn, embed, randomize, self_attn
+from test_layers import DIMS, assert_incremental_equals_full, LM_DIMS, NO_DROPOUT, batch, causal_mask, cross_attn, embed, randomize, self_attn
 
 NEW_METHODS = ("deepnorm", "admin", "tfixup", "rezero", "peri-ln")
 LM_METHODS = ("deepnorm", "admin", "rezero", "peri-ln")  # T-Fixup has no decoder-only form
@@ -310,16 +310,7 @@ def test_incremental_decoding_matches_teacher_forcing(data_dir, method):
                 if p.dim() >= 2:
                     p.mul_(0.3)
     model.eval()
-    src, lengths, prev = batch(task.source_dictionary, tgt_len=7)
-    with torch.no_grad():
-        enc = model.encoder(src, lengths)
-        full = model.get_normalized_probs(model.decoder(prev, enc), log_probs=True)
-        state = {}
-        steps = [
-            model.get_normalized_probs(model.decoder(prev[:, : t + 1], enc, incremental_state=state), log_probs=True)
-            for t in range(prev.size(1))
-        ]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_incremental_equals_full(model, task)
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
