@@ -16,6 +16,7 @@ import b2t_fairseq  # noqa: F401  (registers the models)
 from conftest import PLUGIN_DIR, build_model, parse_args  # noqa: F401
 
 CONNECTIONS = ("b2t", "post-ln", "pre-ln")
+ALL_METHODS = tuple(b2t_fairseq.modules.CONNECTIONS)  # tests that hold for every method, new ones included
 DIMS = (
     "--encoder-embed-dim 16 --decoder-embed-dim 16 --encoder-ffn-embed-dim 32 --decoder-ffn-embed-dim 32 "
     "--encoder-attention-heads 2 --decoder-attention-heads 4"
@@ -403,7 +404,7 @@ def test_lm_incremental_decoding_matches_full_pass(data_dir, connection):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("connection", ALL_METHODS)
 def test_beam_search_produces_valid_hypotheses(data_dir, connection):
     from fairseq.sequence_generator import SequenceGenerator
 
@@ -442,12 +443,16 @@ def _train_step(model, task, seed=0):
     return out.detach(), loss.detach()
 
 
-@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("connection", ALL_METHODS)
 def test_checkpoint_activations_same_forward_and_gradients(data_dir, connection):
     plain, task = build(data_dir, nmt_argv(connection, 3, NO_DROPOUT), seed=4)
     ckpt, _ = build(data_dir, nmt_argv(connection, 3, [*NO_DROPOUT, "--checkpoint-activations"]), seed=4)
     assert all(hasattr(layer, "precheckpoint_forward") for layer in ckpt.encoder.layers)
     assert all(hasattr(layer, "precheckpoint_forward") for layer in ckpt.decoder.layers)
+    # away from init (ReZero's a = 0 would leave fc1 without a gradient), in float64 (T-Fixup has no layer
+    # norm to keep the randomized activations small)
+    plain.double(), ckpt.double()
+    randomize(plain)
     ckpt.load_state_dict(plain.state_dict(), strict=True)
     out_a, loss_a = _train_step(plain, task)
     out_b, loss_b = _train_step(ckpt, task)
