@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 import b2t_fairseq  # noqa: F401
 from conftest import build_model, parse_args
-from test_layers import DIMS, assert_incremental_equals_full, LM_DIMS, NO_DROPOUT, batch, causal_mask, cross_attn, embed, randomize, self_attn
+from test_layers import (
+    DIMS, LM_DIMS, NO_DROPOUT, assert_incremental_equals_full, batch, causal_mask, cross_attn, embed, randomize,
+    self_attn,
+)
 
 NEW_METHODS = ("deepnorm", "admin", "tfixup", "rezero", "peri-ln")
 LM_METHODS = ("deepnorm", "admin", "rezero", "peri-ln")  # T-Fixup has no decoder-only form
@@ -277,7 +280,7 @@ def test_foreign_init_rule_is_allowed_and_logged(data_dir, caplog):
     "argv,task,message",
     [
         (nmt("tfixup", 2, extra=["--encoder-normalize-before"]), "translation", "--encoder-normalize-before"),
-        (nmt("deepnorm", 2, extra=["--admin-output-change", "O(n)"]), "translation", "only applies to --connection admin"),
+        (nmt("deepnorm", 2, extra=["--admin-output-change", "O(n)"]), "translation", "only applies to"),
         (nmt("rezero", 2, extra=["--layernorm-embedding"]), "translation", "--layernorm-embedding"),
         (lm("tfixup", 2), "language_modeling", "encoder-decoder models only"),
     ],

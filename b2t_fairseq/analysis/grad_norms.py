@@ -19,8 +19,8 @@ and decoder layer (1 = bottom) it records the L2 norm of
 
 LN1 is self-attention's layer norm, LN2 cross-attention's, LN3 the FFN's (encoder and language-model layers:
 LN1, then LN2 = the FFN's). Methods without layer norms (tfixup, rezero) have only ``output`` and ``params``;
-for the other methods the lnK positions are the input and output of the sub-layer's own norm as their
-formula places it (README's method table). The gradient at a tensor is its total gradient over all its uses. What the
+for the others the lnK positions are the input and output of the sub-layer's own norm where their formula
+(README's method table) places it. The gradient at a tensor is its total gradient over all its uses. What the
 positions are, per connection (x = layer input, decoder layer shown; (1)-(5) are the paper's Fig. 2(a)):
 
     position | post-ln                             | b2t                        | pre-ln

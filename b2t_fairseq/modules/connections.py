@@ -49,12 +49,13 @@ def _scale_weights(stack, names, factor):
 
 
 # attention value/output projections and FFN matrices: what DeepNet and T-Fixup rescale (q/k are left alone)
-VALUE_AND_OUTPUT = ("self_attn.v_proj", "self_attn.out_proj", "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2")
+VALUE_AND_OUTPUT = (
+    "self_attn.v_proj", "self_attn.out_proj", "encoder_attn.v_proj", "encoder_attn.out_proj", "fc1", "fc2",
+)
 
 
 class Connection:
     name = None
-    paper = None
     final_norm = False
     layer_norms = True
     # the --init-scaling that `auto` picks for this method
@@ -130,7 +131,6 @@ class DeepNorm(Connection):
     1.15 (N^4 M)^(-1/16); we follow the paper.)"""
 
     name = "deepnorm"
-    paper = "Wang et al. 2022, DeepNet"
     default_init_scaling = "deepnorm"
 
     @staticmethod
@@ -163,7 +163,6 @@ class Admin(Connection):
     forms (O(n): 1, O(1): sqrt(n))."""
 
     name = "admin"
-    paper = "Liu et al. 2020, Admin"
 
     @staticmethod
     def omega(n, output_change="O(logn)"):
@@ -190,7 +189,6 @@ class TFixup(Connection):
     input embeddings times (9N)^(-1/4) (encoder) and (9M)^(-1/4) (decoder; once only when shared)."""
 
     name = "tfixup"
-    paper = "Huang et al. 2020, T-Fixup"
     layer_norms = False
     default_init_scaling = "tfixup"
     decoder_only = False
@@ -221,7 +219,6 @@ class ReZero(Connection):
     (``<sublayer>_rezero_a``) starting at 0, no layer norm."""
 
     name = "rezero"
-    paper = "Bachlechner et al. 2021, ReZero"
     layer_norms = False
 
     def add_parameters(self, layer, names):
@@ -237,7 +234,6 @@ class PeriLN(Connection):
     sub-layer, LN_out is added (``<sublayer>_out_layer_norm``); one final LN per stack."""
 
     name = "peri-ln"
-    paper = "Kim et al. 2025, Peri-LN"
     final_norm = True
 
     def add_parameters(self, layer, names):
