@@ -25,7 +25,8 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "the residual method of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
             "post-ln (fairseq's --arch transformer), pre-ln (fairseq's --*-normalize-before), deepnorm (DeepNet), "
-            "admin, tfixup, rezero, peri-ln; formulas in README and b2t_fairseq/modules/connections.py"
+            "admin, tfixup, dlcl, realformer, resi-dual, peri-ln, rezero, sub-ln; formulas in README and "
+            "b2t_fairseq/modules/connections.py"
         },
     )
     residual_bottom_to_top: bool = field(
@@ -35,8 +36,9 @@ class B2TOptions(FairseqDataclass):
         default="auto",
         metadata={
             "help": "initialisation applied after fairseq's: auto (default) = the method's own (b2t: depth, "
-            "deepnorm: deepnorm, tfixup: tfixup, the others none); depth = B2T's N^-1/2 on every non-LN weight "
-            "matrix of each layer (the authors' current code); deepnorm / tfixup = those methods' rules; "
+            "deepnorm: deepnorm, tfixup: tfixup, sub-ln: subln, the others none); depth = B2T's N^-1/2 on every "
+            "non-LN weight matrix of each layer (the authors' current code); deepnorm / tfixup / subln = those "
+            "methods' rules; "
             "none = fairseq's init unchanged. A rule that is not the method's own is allowed and logged"
         },
     )
@@ -45,6 +47,13 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "--connection admin only: admin-torch's output_change_scale, which sets omega's initial value "
             "(O(logn), the default: sqrt((n+1)/ln(n+1)-1); O(n): 1; O(1): sqrt(n); n = residual sub-layers)"
+        },
+    )
+    resi_dual_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "--connection resi-dual only: the weight of the Post-LN stream in each stack's output "
+            "alpha * x + LN(dual stream) (1, the default, as the reference's enc_alpha/dec_alpha)"
         },
     )
     sampling_method: ChoiceEnum(["none", "worddrop"]) = field(
@@ -113,12 +122,23 @@ def resolve_options(args, stacks=("encoder", "decoder")):
         raise B2TConfigError(
             f"--layernorm-embedding adds a layer norm, which --connection {connection} removes; drop it"
         )
-    admin_output_change = safe_getattr(args, "admin_output_change", None)
-    # (the default value passes: a language model's dataclass config carries it for every method)
-    if admin_output_change not in (None, "O(logn)") and connection != "admin":
-        raise B2TConfigError(
-            f"--admin-output-change only applies to --connection admin, not {connection}; drop it"
-        )
+    # a method's own options: refused on the others (the default passes: a language model's dataclass
+    # config carries every option for every method)
+    for method in CONNECTIONS.values():
+        for knob, default in method.knobs.items():
+            value = safe_getattr(args, knob, None)
+            if value is not None and value != default and method is not conn:
+                raise B2TConfigError(
+                    f"--{knob.replace('_', '-')} only applies to --connection {method.name}, not {connection}; "
+                    "drop it"
+                )
+    if not conn.layerdrop:
+        for stack in stacks:
+            if float(safe_getattr(args, f"{stack}_layerdrop", 0.0) or 0.0) > 0:
+                raise B2TConfigError(
+                    f"--connection {connection} weighs the output of every layer, so --{stack}-layerdrop cannot "
+                    "drop layers; drop the flag"
+                )
     for name in _UNSUPPORTED:
         if safe_getattr(args, name, False):
             raise B2TConfigError(f"--{name.replace('_', '-')} is not supported by b2t_fairseq models; drop it")
@@ -144,7 +164,10 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     args.connection = connection
     args.residual_bottom_to_top = bool(safe_getattr(args, "residual_bottom_to_top", False))
     args.init_scaling = init_scaling
-    args.admin_output_change = admin_output_change or "O(logn)"
+    for method in CONNECTIONS.values():
+        for knob, default in method.knobs.items():
+            if safe_getattr(args, knob, None) is None:
+                setattr(args, knob, default)
     args.sampling_method = sampling_method
     args.enc_replace_rate = rates["enc_replace_rate"]
     args.dec_replace_rate = rates["dec_replace_rate"]

@@ -1,21 +1,28 @@
 #!/usr/bin/env python
-"""CPU-scale stability study of the B2T paper's claims (issue 4), results written under docs/stability/.
+"""CPU-scale stability study of the B2T paper's claims (issues 4 and 8), results written under docs/stability/.
 
     python experiments/stability_study.py --work study-out --stages data train deep100 grad-norms report
     python experiments/stability_study.py --work study-out --stages train --methods b2t --seeds 1 2
+    python experiments/stability_study.py --work study-out --stages train deep100 --gpu --jobs 12 --seeds 1 2
 
 Stages (each skips what it already finished, so a rerun after an interruption continues):
   data        the real WMT sample in ../shared/data (10k pairs) -> joint sentencepiece 8k -> data-bin
-  train       18L-18L, width 64, post-ln / pre-ln / b2t x seeds, identical flags (configs/study/
-              wmt_sample_18l.yaml): json training log, last checkpoint, beam-4 BLEU on 1000 test lines
-  deep100     100L-100L b2t at width 32 for 300 updates (configs/study/deep100_tiny.yaml): finite, falling loss?
-  grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, three connections,
+  train       18L-18L, width 64, every method x seeds, identical flags except what a method itself requires
+              (configs/study/wmt_sample_18l.yaml, `method_overrides`): json training log, last checkpoint,
+              beam-4 BLEU on 1000 test lines
+  deep100     100L-100L at width 32 for 300 updates, every method (configs/study/deep100_tiny.yaml): finite,
+              falling loss?
+  grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, every method,
               several seeds (b2t-grad-norms); figure + lowest/highest layer ratio table
   report      loss-curve figure (b2t-loss-curves), docs/stability/results.json and the tables of the docs page
+
+--gpu trains and decodes on the GPU (same flags otherwise, fp32); --jobs runs that many trainings at once
+(one GPU is shared; on a 2-core CPU keep 1); --deadline-minutes starts no new run after that many minutes.
 
 The numbers come from whatever this machine produces; nothing is filled in by hand.
 """
 import argparse
+import concurrent.futures
 import csv
 import datetime
 import json
@@ -24,6 +31,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -32,12 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from b2t_fairseq.analysis import loss_curves  # noqa: E402
+from b2t_fairseq.modules.connections import CONNECTIONS  # noqa: E402
+from b2t_fairseq.recipes.common import method_train_options  # noqa: E402
 from b2t_fairseq.tools import pipeline  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "data" / "wmt_ende_opennmt10k"
 CONFIGS = REPO / "configs" / "study"
 DOCS = REPO / "docs" / "stability"
-METHODS = ("post-ln", "pre-ln", "b2t")
+METHODS = tuple(CONNECTIONS)
 STAGES = ("data", "train", "deep100", "grad-norms", "report")
 
 
@@ -49,9 +59,41 @@ def _config(name):
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
+class Runner:
+    """Where and how many runs at once: the CPU (one at a time), or a GPU shared by ``jobs`` runs; no run
+    starts after ``deadline`` (a time.monotonic() value)."""
+
+    def __init__(self, gpu=False, jobs=1, deadline=None):
+        self.gpu, self.jobs, self.deadline = gpu, jobs, deadline
+
+    def train_options(self, config, method):
+        """The config's train flags for ``method``: its ``method_overrides`` entry (the exceptions a method
+        itself requires) on top; on the GPU without ``cpu``."""
+        options = method_train_options(config, method)
+        if self.gpu:
+            options.pop("cpu", None)
+        return options
+
+    def map(self, fn, items):
+        def guarded(item):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return None
+            return fn(item)
+
+        if self.jobs <= 1:
+            results = [guarded(item) for item in items]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
+                results = list(pool.map(guarded, items))
+        return [r for r in results if r is not None]
+
+
 # ------------------------------------------------------------------ data
 def stage_data(work):
     """Corpus files cut from the sample, sentencepiece, binarization; returns the data-bin and raw test refs."""
+    data_bin, reference = work / "data-bin", work / "corpus" / "test.de"
+    if (data_bin / "preprocess.log").is_file() and (data_bin / "test.en-de.de.bin").is_file() and reference.is_file():
+        return data_bin, reference  # made earlier (here, or on the machine this work dir came from)
     if not SAMPLE.is_dir():
         raise StudyError(f"the real WMT sample {SAMPLE} is not here; the study needs it (../shared/data)")
     spec = _config("wmt_sample_18l.yaml")["corpus"]
@@ -81,9 +123,9 @@ def _finite(x):
     return x is not None and math.isfinite(x)
 
 
-def train_one(work, data_bin, reference, method, seed, config):
+def train_one(work, data_bin, reference, method, seed, config, runner):
     run = work / f"18l-{method}-seed{seed}"
-    done = run / "result.json"
+    done = run / "study.json"
     if done.is_file():
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
@@ -91,7 +133,7 @@ def train_one(work, data_bin, reference, method, seed, config):
     started = datetime.datetime.now()
     try:
         flags = ["--connection", method, "--seed", str(seed)]
-        save_dir = pipeline.train(run, data_bin, config["train"], flags, log=log)
+        save_dir = pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=log)
         failed = None
     except pipeline.PipelineError as e:  # a diverging run (NaN loss, overflow) is a result, not a crash of the study
         save_dir, failed = run / "checkpoints", str(e)
@@ -105,43 +147,56 @@ def train_one(work, data_bin, reference, method, seed, config):
     if failed is None and (save_dir / "checkpoint_last.pt").is_file():
         last = config.get("average_last_epochs")
         checkpoint = pipeline.average(save_dir, last) if last else save_dir / "checkpoint_last.pt"
-        generated = pipeline.generate(run, data_bin, checkpoint, config["generate"])
+        generated = pipeline.generate(run, data_bin, checkpoint, config["generate"], cpu=not runner.gpu)
         score = pipeline.score(run, generated, reference, "sentencepiece")
         result.update(bleu=score["bleu"], bleu_n=score["n"], signature=score["signature"], checkpoint=str(checkpoint))
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    result["device"] = "gpu" if runner.gpu else "cpu"
+    _write_atomic(done, json.dumps(result, indent=2) + "\n")
     return result
 
 
-def stage_train(work, methods, seeds):
+def _write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stage_train(work, methods, seeds, runner):
     data_bin, reference = stage_data(work)
     config = _config("wmt_sample_18l.yaml")
-    return [train_one(work, data_bin, reference, m, s, config) for s in seeds for m in methods]
+    items = [(m, s) for s in seeds for m in methods]
+    return runner.map(lambda item: train_one(work, data_bin, reference, *item, config, runner), items)
 
 
 # ------------------------------------------------------------------ deep100
-def stage_deep100(work):
-    data_bin, _ = stage_data(work)
-    run = work / "100l-b2t"
-    done = run / "result.json"
+def deep_one(work, data_bin, method, config, runner):
+    run = work / f"100l-{method}"
+    done = run / "study.json"
     if done.is_file():
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
-    config = _config("deep100_tiny.yaml")
     started = datetime.datetime.now()
     failed = None
     try:
-        pipeline.train(run, data_bin, config["train"], ["--connection", "b2t", "--seed", "1"], log=run / "train.log")
+        flags = ["--connection", method, "--seed", "1"]
+        pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=run / "train.log")
     except pipeline.PipelineError as e:
         failed = str(e)
     train_pts, valid_pts = _train_points(run / "train.log")
     losses = [v for _, v in train_pts]
-    result = {"method": "b2t", "layers": 100, "failed": failed, "updates": train_pts[-1][0] if train_pts else 0,
+    result = {"method": method, "layers": 100, "device": "gpu" if runner.gpu else "cpu", "failed": failed, "updates": train_pts[-1][0] if train_pts else 0,
               "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
               "all_finite": bool(losses) and all(map(_finite, losses)),
               "valid": valid_pts, "train_minutes": round((datetime.datetime.now() - started).total_seconds() / 60, 1),
               "log": str(run / "train.log")}  # fmt: skip
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    _write_atomic(done, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def stage_deep100(work, methods, runner):
+    data_bin, _ = stage_data(work)
+    config = _config("deep100_tiny.yaml")
+    return runner.map(lambda m: deep_one(work, data_bin, m, config, runner), list(methods))
 
 
 # ------------------------------------------------------------------ grad-norms
@@ -156,16 +211,16 @@ GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads, extra model flags)
 }
 
 
-def stage_grad_norms(work, seeds, batches, max_tokens):
+def stage_grad_norms(work, methods, seeds, batches, max_tokens, settings=GRAD_SETTINGS):
     data_bin, _ = stage_data(work)
     out = work / "grad-norms"
     out.mkdir(parents=True, exist_ok=True)
     produced = {}
-    for name, (layers, dim, ffn, heads, extra) in GRAD_SETTINGS.items():
+    for name, (layers, dim, ffn, heads, extra) in settings.items():
         csv_path, png_path = out / f"{name}.csv", out / f"{name}.png"
         if not csv_path.is_file():
             pipeline._run(pipeline._python_m(
-                "b2t_fairseq.analysis.grad_norms", "--data-bin", data_bin, "--connections", *METHODS,
+                "b2t_fairseq.analysis.grad_norms", "--data-bin", data_bin, "--connections", *methods,
                 "--seeds", *seeds, "--num-batches", batches, "--max-tokens", max_tokens,
                 "--out-csv", csv_path, "--out-png", png_path, "--title", f"{name}, at initialization", "--",
                 "--arch", "transformer_b2t", "--encoder-layers", layers, "--decoder-layers", layers,
@@ -216,29 +271,43 @@ def machine():
             "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def stage_report(work, methods, seeds):
-    DOCS.mkdir(parents=True, exist_ok=True)
-    runs = [json.loads(p.read_text()) for p in sorted(work.glob("18l-*/result.json"))]
-    runs = [r for r in runs if r["method"] in methods and str(r["seed"]) in map(str, seeds)]
+def _records(work, pattern):
+    """The finished runs' records (study.json; result.json as earlier versions of this script named it)."""
+    out = []
+    for run in sorted(work.glob(pattern)):
+        for name in ("study.json", "result.json"):
+            path = run / name
+            if path.is_file() and "method" in (record := json.loads(path.read_text())):
+                record["log"] = str(run / "train.log")  # where it is now, wherever it ran
+                out.append(record)
+                break
+    return out
+
+
+def stage_report(work, methods, seeds, docs=DOCS):
+    docs.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in _records(work, "18l-*") if r["method"] in methods and str(r["seed"]) in map(str, seeds)]
+    runs.sort(key=lambda r: (METHODS.index(r["method"]), str(r["seed"])))
     if runs:
         curves = [f"{r['method']} seed {r['seed']}={r['log']}" for r in runs]
         pipeline._run(pipeline._python_m("b2t_fairseq.analysis.loss_curves", *sum((["--run", c] for c in curves), []),
-                       "--out-png", DOCS / "loss_curves_18l.png", "--out-csv", DOCS / "loss_curves_18l.csv",
+                       "--out-png", docs / "loss_curves_18l.png", "--out-csv", docs / "loss_curves_18l.csv",
                        "--title", "18L-18L, d64, real WMT sample (10k pairs)"))  # fmt: skip
-    deep = work / "100l-b2t" / "result.json"
+    deep = [r for r in _records(work, "100l-*") if r["method"] in methods]
+    deep.sort(key=lambda r: METHODS.index(r["method"]))
     produced = {name: (work / "grad-norms" / f"{name}.csv", work / "grad-norms" / f"{name}.png")
                 for name in GRAD_SETTINGS if (work / "grad-norms" / f"{name}.csv").is_file()}  # fmt: skip
     for name, (csv_path, png_path) in produced.items():
-        (DOCS / png_path.name).write_bytes(png_path.read_bytes())
-        (DOCS / csv_path.name).write_bytes(csv_path.read_bytes())
+        (docs / png_path.name).write_bytes(png_path.read_bytes())
+        (docs / csv_path.name).write_bytes(csv_path.read_bytes())
     results = {
         "machine": machine(),
         "train_18l": [{k: v for k, v in r.items() if k not in ("log", "checkpoint")} for r in runs],
-        "deep100": {k: v for k, v in json.loads(deep.read_text()).items() if k != "log"} if deep.is_file() else None,
+        "deep100": [{k: v for k, v in r.items() if k != "log"} for r in deep],
         "grad_norm_ratios": grad_ratio_table(produced),
     }
-    (DOCS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (DOCS / "tables.md").write_text(render_tables(results), encoding="utf-8")
+    _write_atomic(docs / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(docs / "tables.md", render_tables(results))
     print(render_tables(results))
     return results
 
@@ -253,26 +322,31 @@ def render_tables(results):
              f"({m['cores']} cores), Python {m['python']}, torch {m['torch']}.", ""]  # fmt: skip
     if results["train_18l"]:
         lines += ["### 18L-18L training on the WMT sample (configs/study/wmt_sample_18l.yaml)", "",
-                  "| Method | Seed | Updates | Final train loss | Best valid loss | Final valid loss | BLEU | Min |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| Method | Seed | Updates | Final train loss | Best valid loss | Final valid loss | BLEU | Device | "
+                  "Min |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in sorted(results["train_18l"], key=lambda r: (METHODS.index(r["method"]), str(r["seed"]))):
             bleu = _num(r.get("bleu"), "{:.2f}") + (" (failed: " + r["failed"] + ")" if r.get("failed") else "")
             lines.append(f"| {r['method']} | {r['seed']} | {r['updates']} | {_num(r['final_train_loss'])} | "
                          f"{_num(r['best_valid_loss'])} | {_num(r['final_valid_loss'])} | {bleu} | "
-                         f"{r['train_minutes']} |")  # fmt: skip
+                         f"{r.get('device', 'cpu')} | {r['train_minutes']} |")  # fmt: skip
         signatures = sorted({r["signature"] for r in results["train_18l"] if r.get("signature")})
         lines += ["", f"BLEU: SacreBLEU on the first {r.get('bleu_n', '?')} lines of the sample's newstest2014 "
                   f"(tokenized text, sentencepiece removed), {'; '.join(signatures)}. Losses are fairseq's "
                   "label-smoothed cross-entropy in base 2.", ""]  # fmt: skip
-    deep = results.get("deep100")
+    deep = results.get("deep100") or []
+    if isinstance(deep, dict):  # one run, as earlier versions of this script wrote it
+        deep = [deep]
     if deep:
-        lines += ["### 100L-100L B2T, width 32 (configs/study/deep100_tiny.yaml)", "",
-                  f"{deep['updates']} updates in {deep['train_minutes']} min: train loss "
-                  f"{_num(deep['first_train_loss'])} "
-                  f"at the first log line -> {_num(deep['last_train_loss'])} at the last; all logged losses finite: "
-                  f"{deep['all_finite']}; valid loss by update: "
-                  + ", ".join(f"{u}: {v:.3f}" for u, v in deep["valid"]) + ("" if not deep["failed"] else
-                  f"; FAILED: {deep['failed']}"), ""]  # fmt: skip
+        lines += ["### 100L-100L, width 32 (configs/study/deep100_tiny.yaml)", "",
+                  "| Method | Updates | First train loss | Last train loss | All finite | Valid loss by update | "
+                  "Device | Min |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for d in deep:
+            valid = ", ".join(f"{u}: {v:.3f}" for u, v in d["valid"]) or "–"
+            status = "" if not d["failed"] else f" FAILED: {d['failed']}"
+            lines.append(f"| {d['method']} | {d['updates']} | {_num(d['first_train_loss'])} | "
+                         f"{_num(d['last_train_loss'])} | {d['all_finite']}{status} | {valid} | "
+                         f"{d.get('device', 'cpu')} | {d['train_minutes']} |")  # fmt: skip
+        lines.append("")
     if results["grad_norm_ratios"]:
         lines += ["### Gradient norms at initialization: lowest layer / highest layer (parameter gradients)", "",
                   "| Setting | Connection | Stack | Ratio (mean over seeds) | min | max | Seeds |",
@@ -294,20 +368,32 @@ def main(argv=None):
     parser.add_argument("--grad-seeds", nargs="+", default=["1", "2", "3"], help="initialization seeds (grad-norms)")
     parser.add_argument("--grad-batches", type=int, default=2, help="batches averaged per gradient-norm measurement")
     parser.add_argument("--grad-max-tokens", type=int, default=1024, help="tokens per gradient-norm batch")
+    parser.add_argument("--grad-settings", nargs="+", choices=list(GRAD_SETTINGS), default=list(GRAD_SETTINGS))
+    parser.add_argument("--gpu", action="store_true", help="train and decode on the GPU (fp32, same flags)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (train, deep100); 1 on a 2-core CPU")
+    parser.add_argument("--deadline-minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where the report writes (default docs/stability)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: more threads spin against each other
+    deadline = None if args.deadline_minutes is None else time.monotonic() + 60 * args.deadline_minutes
+    runner = Runner(gpu=args.gpu, jobs=args.jobs, deadline=deadline)
     try:
         if "data" in args.stages:
             stage_data(args.work)
         if "grad-norms" in args.stages:
-            stage_grad_norms(args.work, args.grad_seeds, args.grad_batches, args.grad_max_tokens)
+            settings = {k: GRAD_SETTINGS[k] for k in args.grad_settings}
+            stage_grad_norms(args.work, args.methods, args.grad_seeds, args.grad_batches, args.grad_max_tokens,
+                             settings)  # fmt: skip
         if "train" in args.stages:
-            for r in stage_train(args.work, args.methods, args.seeds):
+            for r in stage_train(args.work, args.methods, args.seeds, runner):
                 print(json.dumps(r), flush=True)
         if "deep100" in args.stages:
-            print(json.dumps(stage_deep100(args.work)), flush=True)
+            for r in stage_deep100(args.work, args.methods, runner):
+                print(json.dumps(r), flush=True)
         if "report" in args.stages:
-            stage_report(args.work, args.methods, args.seeds)
+            stage_report(args.work, args.methods, args.seeds, args.docs)
     except (StudyError, pipeline.PipelineError) as e:
         parser.exit(1, f"stability_study: error: {e}\n")
 

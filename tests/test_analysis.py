@@ -109,15 +109,15 @@ class Recording:
         self.taps += [s, h]
         return h
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         if self.name == "pre-ln":
             return x + f(self._norm(norm, x))
         return self._norm(norm, x + f(x))
 
-    def last_sublayer(self, layer, name, x, f, norm, bottom):
+    def last_sublayer(self, layer, name, x, f, norm, carry, bottom):
         if self.name == "b2t":
             return self._norm(norm, bottom + x + f(x))
-        return self.sublayer(layer, name, x, f, norm)
+        return self.sublayer(layer, name, x, f, norm, carry)
 
 
 @pytest.mark.parametrize("connection", CONNECTIONS)

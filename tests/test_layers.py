@@ -149,11 +149,14 @@ def ref_decoder(decoder, prev, enc, enc_pad, connection):
 
 
 def capture_layer_io(layers):
-    """Forward hooks recording (args, kwargs, output) of every layer call."""
+    """Forward hooks recording (args, kwargs, output) of every layer call; the encoder's output without the
+    carry the stacks pass between layers."""
     records, handles = [], []
     for i, layer in enumerate(layers._modules.values()):
 
         def hook(module, args, kwargs, output, i=i):
+            if isinstance(output, tuple) and len(output) == 2:  # an encoder layer's (x, carry)
+                output = output[0]
             records.append((i, args, dict(kwargs), output))
 
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
@@ -447,15 +450,20 @@ def _train_step(model, task, seed=0):
 def test_checkpoint_activations_same_forward_and_gradients(data_dir, connection):
     plain, task = build(data_dir, nmt_argv(connection, 3, NO_DROPOUT), seed=4)
     ckpt, _ = build(data_dir, nmt_argv(connection, 3, [*NO_DROPOUT, "--checkpoint-activations"]), seed=4)
-    assert all(hasattr(layer, "precheckpoint_forward") for layer in ckpt.encoder.layers)
-    assert all(hasattr(layer, "precheckpoint_forward") for layer in ckpt.decoder.layers)
+    assert ckpt.encoder.checkpoint_layers and ckpt.decoder.checkpoint_layers
     # away from init (ReZero's a = 0 would leave fc1 without a gradient), in float64 (T-Fixup has no layer
     # norm to keep the randomized activations small)
     plain.double(), ckpt.double()
     randomize(plain)
     ckpt.load_state_dict(plain.state_dict(), strict=True)
+    calls = {}
+    for model in (plain, ckpt):
+        for layer in list(model.encoder.layers) + list(model.decoder.layers):
+            layer.register_forward_pre_hook(lambda m, args, model=model: calls.update({model: calls.get(model, 0) + 1}))
     out_a, loss_a = _train_step(plain, task)
     out_b, loss_b = _train_step(ckpt, task)
+    # each checkpointed layer ran again in the backward pass
+    assert calls == {plain: 6, ckpt: 12}
     assert torch.isfinite(loss_b)
     torch.testing.assert_close(out_b, out_a, **TIGHT)
     grads_a = dict((n, p.grad) for n, p in plain.named_parameters())

@@ -1,8 +1,10 @@
-"""The deep-Transformer methods beside B2T (METHODS.md): DeepNet, Admin, T-Fixup, ReZero, Peri-LN.
+"""The deep-Transformer methods beside B2T (METHODS.md): DeepNet, Admin, T-Fixup, ReZero, Peri-LN (wired
+inside a layer) and DLCL, RealFormer, ResiDual, Sub-LN (which also act across layers or inside attention).
 
-Each layer is checked against an independent recomputation of METHODS.md's formula from the model's own
-submodules (float64, eval mode, several depths); the init constants are recomputed here from the formulas and
-checked against a same-seed post-ln build with fairseq's init; every method trains at 18L-18L.
+Each model is checked against an independent recomputation of METHODS.md's formula from the model's own
+parameters (float64, eval mode, several depths; attention recomputed from the projection weights where the
+method changes it); the init constants are recomputed here from the formulas and checked against a same-seed
+post-ln build with fairseq's init; every method trains at 18L-18L.
 """
 import math
 
@@ -17,8 +19,10 @@ from test_layers import (
     self_attn,
 )
 
-NEW_METHODS = ("deepnorm", "admin", "tfixup", "rezero", "peri-ln")
-LM_METHODS = ("deepnorm", "admin", "rezero", "peri-ln")  # T-Fixup has no decoder-only form
+LAYER_METHODS = ("deepnorm", "admin", "tfixup", "rezero", "peri-ln")
+STACK_METHODS = ("dlcl", "realformer", "resi-dual", "sub-ln")
+NEW_METHODS = LAYER_METHODS + STACK_METHODS
+LM_METHODS = ("deepnorm", "admin", "rezero", "peri-ln", *STACK_METHODS)  # T-Fixup has no decoder-only form
 F64 = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -98,6 +102,95 @@ def ref_model(method, model, src, prev, n, m):
     return model.decoder.output_projection(final(method, model.decoder, y).transpose(0, 1))
 
 
+def attention(mha, query, memory, key_padding_mask=None, attn_mask=None, previous=None, inner_norm=None,
+              fp32_softmax=False):
+    """Multi-head attention recomputed from ``mha``'s projection weights. Returns the output and the raw
+    scores Q K^T / sqrt(d_head) (+ ``previous``, RealFormer's) before masks; ``inner_norm`` (Sub-LN) acts on the
+    heads' concatenated output before out_proj. ``fp32_softmax``: as fairseq's unfused attention (cross-attention,
+    and self-attention where the method needs the unfused path), the softmax in float32."""
+    t, b, c = query.shape
+    h = mha.num_heads
+    d = c // h
+
+    def heads(y):  # T x B x C -> B x H x T x d
+        return y.reshape(y.size(0), b, h, d).permute(1, 2, 0, 3)
+
+    q = heads(F.linear(query, mha.q_proj.weight, mha.q_proj.bias)) * d**-0.5
+    k = heads(F.linear(memory, mha.k_proj.weight, mha.k_proj.bias))
+    v = heads(F.linear(memory, mha.v_proj.weight, mha.v_proj.bias))
+    scores = q @ k.transpose(-1, -2)
+    if previous is not None:
+        scores = scores + previous
+    masked = scores if attn_mask is None else scores + attn_mask
+    if key_padding_mask is not None:
+        masked = masked.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = masked.float().softmax(-1).to(masked.dtype) if fp32_softmax else masked.softmax(-1)
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(t, b, c)
+    if inner_norm is not None:
+        out = inner_norm(out)
+    return F.linear(out, mha.out_proj.weight, mha.out_proj.bias), scores
+
+
+def ref_sublayers(method, layer, pad=None, enc=None, enc_pad=None, causal=False):
+    """A layer as (name, F(h, previous scores) -> (output, scores), its layer norm) per sub-layer."""
+    sub_ln = method == "sub-ln"
+    unfused = method in ("realformer", "sub-ln")  # they need the scores / out_proj's input
+
+    def self_f(h, previous):
+        mask = causal_mask(h.size(0)).to(h.dtype) if causal else None
+        inner = layer.self_attn.out_proj.sub_layer_norm if sub_ln else None
+        return attention(layer.self_attn, h, h, pad, mask, previous, inner, fp32_softmax=unfused)
+
+    def ffn_f(h, previous):
+        h = F.relu(F.linear(h, layer.fc1.weight, layer.fc1.bias))
+        if sub_ln:
+            h = layer.fc2.sub_layer_norm(h)
+        return F.linear(h, layer.fc2.weight, layer.fc2.bias), None
+
+    subs = [("self_attn", self_f, layer.self_attn_layer_norm)]
+    if enc is not None:
+        subs.append(("encoder_attn", lambda h, p: attention(layer.encoder_attn, h, enc, enc_pad, None, p,
+                     fp32_softmax=True), layer.encoder_attn_layer_norm))  # fmt: skip
+    return subs + [("ffn", ffn_f, layer.final_layer_norm)]
+
+
+def ref_stack(method, stack, x, layers, alpha=1.0):
+    """METHODS.md's stack for DLCL, RealFormer, ResiDual, Sub-LN; ``layers`` holds each layer's sub-layers."""
+    history, dual, scores = [x], x, {}
+    for index, subs in enumerate(layers):
+        if method == "dlcl":  # the input of layer l+1: sum_k W[l, k] LN_k(y_k), y_0 = the embeddings
+            x = sum(stack.dlcl_weights[index, k] * y for k, y in enumerate(history))
+        for name, f, norm in subs:
+            if method in ("dlcl", "sub-ln"):  # Pre-LN layers
+                x = x + f(norm(x), None)[0]
+                continue
+            out, s = f(x, scores.get(name) if method == "realformer" else None)
+            scores[name] = s
+            dual = dual + out
+            x = norm(x + out)
+        if method == "dlcl":
+            history.append(stack.dlcl_layer_norms[index](x))
+    if method == "dlcl":
+        return stack.layer_norm(sum(stack.dlcl_weights[len(layers), k] * y for k, y in enumerate(history)))
+    if method == "resi-dual":
+        return alpha * x + stack.layer_norm(dual)
+    if method == "sub-ln":
+        return stack.layer_norm(x)
+    assert stack.layer_norm is None
+    return x
+
+
+@torch.no_grad()
+def ref_stack_model(method, model, src, prev, alpha=1.0):
+    pad = src.eq(model.encoder.padding_idx)
+    x = embed(model.encoder, src) * (~pad).t().unsqueeze(-1).to(torch.float64)
+    enc_layers = [ref_sublayers(method, layer, pad=pad) for layer in model.encoder.layers]
+    enc = ref_stack(method, model.encoder, x, enc_layers, alpha)
+    dec_layers = [ref_sublayers(method, layer, enc=enc, enc_pad=pad, causal=True) for layer in model.decoder.layers]
+    y = ref_stack(method, model.decoder, embed(model.decoder, prev), dec_layers, alpha)
+    return model.decoder.output_projection(y.transpose(0, 1))
+
+
 @pytest.mark.parametrize("enc,dec", [(1, 1), (3, 2), (6, 6)])
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_model_equals_methods_formula(data_dir, method, enc, dec):
@@ -109,7 +202,23 @@ def test_model_equals_methods_formula(data_dir, method, enc, dec):
     assert src.eq(task.source_dictionary.pad()).any()
     with torch.no_grad():
         logits = model(src, lengths, prev)[0]
-    torch.testing.assert_close(logits, ref_model(method, model, src, prev, enc, dec), **F64)
+    if method in STACK_METHODS:
+        expected = ref_stack_model(method, model, src, prev)
+    else:
+        expected = ref_model(method, model, src, prev, enc, dec)
+    torch.testing.assert_close(logits, expected, **F64)
+
+
+def test_resi_dual_alpha_scales_the_post_ln_stream(data_dir):
+    model, task, _ = build_model(data_dir, nmt("resi-dual", 3, 2, extra=["--resi-dual-alpha", "0.5"]))
+    model.double()
+    randomize(model)
+    model.eval()
+    src, lengths, prev = batch(task.source_dictionary)
+    with torch.no_grad():
+        logits = model(src, lengths, prev)[0]
+    torch.testing.assert_close(logits, ref_stack_model("resi-dual", model, src, prev, alpha=0.5), **F64)
+    assert (logits - ref_stack_model("resi-dual", model, src, prev, alpha=1.0)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("layers", [1, 3])
@@ -123,16 +232,21 @@ def test_language_model_equals_methods_formula(data_dir, method, layers):
     with torch.no_grad():
         logits = model(tokens)[0]
         y = embed(model.decoder, tokens)
-        for layer in model.decoder.layers._modules.values():
-            y = ref_decoder_layer(method, layer, y, None, None, deepnorm_alpha("decoder-only", None, layers))
-        expected = model.decoder.output_projection(final(method, model.decoder, y).transpose(0, 1))
+        if method in STACK_METHODS:
+            subs = [ref_sublayers(method, layer, causal=True) for layer in model.decoder.layers]
+            y = ref_stack(method, model.decoder, y, subs)
+        else:
+            for layer in model.decoder.layers._modules.values():
+                y = ref_decoder_layer(method, layer, y, None, None, deepnorm_alpha("decoder-only", None, layers))
+            y = final(method, model.decoder, y)
+        expected = model.decoder.output_projection(y.transpose(0, 1))
     torch.testing.assert_close(logits, expected, **F64)
 
 
 def test_methods_differ_from_each_other_with_identical_weights(data_dir):
     """Load one set of shared weights into every method: all outputs differ pairwise (no method is a no-op)."""
     outs = {}
-    for method in ("post-ln", "deepnorm", "admin", "tfixup", "rezero"):
+    for method in ("post-ln", "deepnorm", "admin", "tfixup", "rezero", "dlcl", "realformer", "resi-dual", "sub-ln"):
         model, task, _ = build_model(data_dir, nmt(method, 2, extra=["--init-scaling", "none"]), seed=3)
         randomize(model, seed=4)
         model.eval()
@@ -155,6 +269,11 @@ def test_added_parameters_are_plainly_named_and_lns_removed(data_dir):
         "peri-ln": {"_out_layer_norm.weight", "_out_layer_norm.bias", "encoder.layer_norm.", "decoder.layer_norm."},
         "deepnorm": set(),
         "tfixup": set(),
+        "dlcl": {"coder.dlcl_weights", "coder.dlcl_layer_norms.", "encoder.layer_norm.", "decoder.layer_norm."},
+        "realformer": set(),
+        "resi-dual": {"encoder.layer_norm.", "decoder.layer_norm."},
+        "sub-ln": {"self_attn.out_proj.sub_layer_norm.", "fc2.sub_layer_norm.", "encoder.layer_norm.",
+                   "decoder.layer_norm."},  # fmt: skip
     }
     for method, suffixes in added.items():
         model, _, _ = build_model(data_dir, nmt(method, 2))
@@ -167,6 +286,11 @@ def test_added_parameters_are_plainly_named_and_lns_removed(data_dir):
             assert base <= keys, method
         assert all(any(s in k for s in suffixes) for k in extra), (method, sorted(extra)[:4])
         assert bool(extra) == bool(suffixes), method
+    sub_ln, _, _ = build_model(data_dir, nmt("sub-ln", 2))
+    assert not hasattr(sub_ln.decoder.layers[0].encoder_attn.out_proj, "sub_layer_norm")  # self-attention only
+    dlcl, _, _ = build_model(data_dir, nmt("dlcl", 2, 3))
+    assert dlcl.encoder.dlcl_weights.shape == (3, 3) and dlcl.decoder.dlcl_weights.shape == (4, 4)
+    assert len(dlcl.encoder.dlcl_layer_norms) == 2 and len(dlcl.decoder.dlcl_layer_norms) == 3
     admin, _, _ = build_model(data_dir, nmt("admin", 2))
     dec = admin.decoder.layers[0]
     assert {n for n, _ in dec.named_parameters() if n.endswith("_omega")} == {
@@ -234,6 +358,50 @@ def test_init_constants_and_exactly_the_listed_parameters(data_dir, method, dept
         assert ratio == pytest.approx(want, rel=1e-5), name
 
 
+# Sub-LN's gamma (torchscale --subln), N = M: encoder sqrt(ln(3M) ln(2N) / 3), decoder sqrt(ln 3M)
+SUBLN_GAMMA = {6: (1.547, 1.700), 18: (2.183, 1.997), 100: (3.174, 2.388)}
+SUBLN_SCALED = {f"{m}.{p}" for m in ("self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2") for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("depth", [6, 18, 100])
+def test_subln_gamma_on_exactly_the_listed_parameters(data_dir, depth):
+    argv = ["--encoder-layers", str(depth), "--decoder-layers", str(depth), *TINY_DEEP]
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "sub-ln", *argv], seed=7)
+    post, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "post-ln", *argv], seed=7)
+    n = m = depth
+    exact = (math.sqrt(math.log(3 * m) * math.log(2 * n) / 3), math.sqrt(math.log(3 * m)))
+    assert (round(exact[0], 3), round(exact[1], 3)) == SUBLN_GAMMA[depth]
+    seen = set()
+    for name, ratio in _ratios(model, post).items():
+        stack, _, rest = name.partition(".layers.")
+        sub = rest.split(".", 1)[1] if rest else None
+        want = (exact[0] if stack == "encoder" else exact[1]) if sub in SUBLN_SCALED else 1.0
+        if sub in SUBLN_SCALED:
+            seen.add(sub)
+        assert ratio == pytest.approx(want, rel=1e-5), name
+    # every listed weight was compared (fairseq's zero biases have no ratio: they stay zero)
+    assert {s for s in SUBLN_SCALED if s.endswith("weight")} <= seen and "fc1.bias" in seen
+    lm_model, _, _ = build_model(
+        data_dir, lm("sub-ln", depth, ["--decoder-embed-dim", "8", "--decoder-ffn-embed-dim", "8"]),
+        task="language_modeling", seed=7,
+    )
+    lm_post, _, _ = build_model(
+        data_dir, lm("post-ln", depth, ["--decoder-embed-dim", "8", "--decoder-ffn-embed-dim", "8"]),
+        task="language_modeling", seed=7,
+    )
+    ratios = _ratios(lm_model, lm_post)
+    assert ratios["decoder.layers.0.fc1.weight"] == pytest.approx(math.sqrt(math.log(2 * depth)), rel=1e-5)
+
+
+def test_dlcl_weights_start_as_row_averages(data_dir):
+    model, _, _ = build_model(data_dir, nmt("dlcl", 4, 2))
+    for stack, n in ((model.encoder, 4), (model.decoder, 2)):
+        w = stack.dlcl_weights.detach()
+        for row in range(n + 1):
+            assert torch.equal(w[row, : row + 1], torch.full((row + 1,), 1.0 / (row + 1))), row
+            assert not w[row, row + 1 :].any(), row
+
+
 def test_tfixup_shared_embeddings_scaled_once(data_dir):
     argv = ["--encoder-layers", "6", "--decoder-layers", "6", *TINY_DEEP, "--share-all-embeddings"]
     model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "tfixup", *argv], seed=2)
@@ -283,6 +451,8 @@ def test_foreign_init_rule_is_allowed_and_logged(data_dir, caplog):
         (nmt("deepnorm", 2, extra=["--admin-output-change", "O(n)"]), "translation", "only applies to"),
         (nmt("rezero", 2, extra=["--layernorm-embedding"]), "translation", "--layernorm-embedding"),
         (lm("tfixup", 2), "language_modeling", "encoder-decoder models only"),
+        (nmt("b2t", 2, extra=["--resi-dual-alpha", "0.5"]), "translation", "only applies to --connection resi-dual"),
+        (nmt("dlcl", 2, extra=["--decoder-layerdrop", "0.2"]), "translation", "--decoder-layerdrop"),
     ],
 )
 def test_contradicting_flags_fail_with_the_fix(data_dir, argv, task, message):

@@ -51,10 +51,16 @@ def test_a_gpu_count_that_does_not_divide_the_budget_is_refused():
 
 @pytest.mark.parametrize("depth, gpus, scale", [(16, 8, None), (32, 8, None), (32, 0, None), (16, 0, "smoke")])
 def test_methods_differ_only_in_connection(depth, gpus, scale):
-    flags = {m: train_flags(build_train_command(m, depth, gpus, "data", "ckpt", scale)[0]) for m in recipe.METHODS}
+    methods = [m for m in recipe.METHODS if m != "tfixup"]  # no decoder-only form (refused below)
+    flags = {m: train_flags(build_train_command(m, depth, gpus, "data", "ckpt", scale)[0]) for m in methods}
     for method, f in flags.items():
         assert f.pop("--connection") == method
-    assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
+        assert f == flags["post-ln"], method
+
+
+def test_tfixup_is_refused_with_the_reason():
+    with pytest.raises(RecipeError, match="encoder-decoder models only"):
+        build_train_command("tfixup", 16, 8, "data", "ckpt")
 
 
 def test_depth_gpu_and_smoke_settings():

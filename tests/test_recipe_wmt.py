@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO, cli_env, train_flags
 from b2t_fairseq.recipes import wmt_en_de as recipe
 from b2t_fairseq.recipes.common import recipe_facts, update_freq
+from b2t_fairseq.modules import CONNECTIONS
 from b2t_fairseq.recipes.wmt_en_de import RecipeError, build_train_command, main, render_table
 
 CONFIGS = REPO / "configs" / "wmt_en_de"
@@ -47,10 +48,16 @@ def test_tokens_per_update_comes_from_the_config():
 # ------------------------------------------------------------------ identical settings
 @pytest.mark.parametrize("depth", [6, 18, 100])
 def test_methods_differ_only_in_connection(depth):
+    """Every method of the plugin, identical flags; T-Fixup's one exception (no warmup) is the config's."""
+    assert set(recipe.METHODS) == set(CONNECTIONS)
     flags = {m: train_flags(build_train_command(m, depth, 8, "data", "ckpt")[0]) for m in recipe.METHODS}
     for method, f in flags.items():
         assert f.pop("--connection") == method
-    assert flags["b2t"] == flags["post-ln"] == flags["pre-ln"]
+    assert flags["tfixup"].pop("--warmup-init-lr") == flags["tfixup"]["--lr"] == "0.001"
+    assert flags["post-ln"].pop("--warmup-init-lr") == "1e-07"
+    for method, f in flags.items():
+        f.pop("--warmup-init-lr", None)
+        assert f == flags["post-ln"], method
 
 
 def test_depth_configs_set_arch_dropout_worddrop_and_updates():
@@ -139,11 +146,11 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 def test_unknown_method_from_the_shell_has_no_traceback():
     proc = subprocess.run(
-        [str(SCRIPTS / "train.sh"), "--method", "rezero", "--depth", "6", "--data-bin", "d", "--save-dir", "s"],
+        [str(SCRIPTS / "train.sh"), "--method", "fixup", "--depth", "6", "--data-bin", "d", "--save-dir", "s"],
         env=cli_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "invalid choice: 'rezero'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "invalid choice: 'fixup'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_evaluate_checks_inputs_before_decoding(toy_dirs, capsys):

@@ -1,24 +1,52 @@
-"""fairseq's Transformer encoder and decoder with our layers and word dropout plugged in."""
+"""fairseq's Transformer encoder and decoder with our layers, word dropout and layer loop.
+
+The layer loop is ours (fairseq's passes nothing but ``x`` from layer to layer): it calls the method's stack
+hooks (``begin``, ``layer_input``, ``layer_output``, ``end``; see modules/connections.py) for every method, and
+the ``carry`` they pass between layers. Everything else follows fairseq's ``forward_scriptable`` /
+``extract_features_scriptable``: embeddings, masks, incremental state, alignment, returned states.
+"""
+import contextlib
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from b2t_fairseq.modules import ConnectedDecoderLayer, ConnectedEncoderLayer, dropping_words, get_connection, stack_shape
 from b2t_fairseq.modules.word_dropout import word_dropout
 from b2t_fairseq.options import word_dropout_rate
 
 
+class _LayerCalls:
+    """How a stack calls one layer: directly, or under activation checkpointing (--checkpoint-activations).
+
+    Checkpointing is torch's non-reentrant form, not fairseq's wrapper: the carry (a dict of tensors) and the
+    stack's own parameters (DLCL's) get their gradients through it. ``--offload-activations`` keeps the
+    checkpointed inputs on the CPU."""
+
+    def _setup_layer_calls(self, cfg):
+        self.checkpoint_layers = bool(cfg.checkpoint_activations)
+        self.offload_activations = bool(cfg.offload_activations)
+
+    def _call_layer(self, layer, *args, **kwargs):
+        if not (self.checkpoint_layers and torch.is_grad_enabled()):
+            return layer(*args, **kwargs)
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_activations else None
+        with offload or contextlib.nullcontext():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+
+
 def _wrap_layer(layer, cfg):
-    """Activation checkpointing and FSDP wrapping, as fairseq applies them to its own layers."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+    """FSDP wrapping, as fairseq applies it to its own layers (every layer when checkpointing)."""
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
 
-class B2TTransformerEncoder(TransformerEncoderBase):
-    """Stack-level behaviour is fairseq's: a final layer norm exists only for methods with ``final_norm``
-    (options.resolve_options sets fairseq's normalize_before from it)."""
+class B2TTransformerEncoder(_LayerCalls, TransformerEncoderBase):
+    """A final layer norm exists only for methods with ``final_norm`` (options.resolve_options sets fairseq's
+    normalize_before from it)."""
 
     def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
         if return_fc:
@@ -26,10 +54,48 @@ class B2TTransformerEncoder(TransformerEncoderBase):
         # set before fairseq's __init__, which builds the layers
         self.connection = get_connection(cfg.connection)(stack_shape(cfg, "encoder"))
         super().__init__(cfg, dictionary, embed_tokens)
+        self.connection.attach_stack(self)
+        self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "enc")
 
     def build_encoder_layer(self, cfg):
         return _wrap_layer(ConnectedEncoderLayer(cfg, self.connection), cfg)
+
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+    ):
+        padding_mask = src_tokens.eq(self.padding_idx)
+        has_pads = bool(padding_mask.any())
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        if has_pads:
+            x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+
+        states: List[Tensor] = [x] if return_all_hiddens else []
+        connection = self.connection
+        x, carry = connection.begin(self, x)
+        for index, layer in enumerate(self.layers):
+            x = connection.layer_input(self, index, x, carry)
+            x, carry = self._call_layer(layer, x, padding_mask if has_pads else None, carry=carry)
+            carry = connection.layer_output(self, index, x, carry)
+            if return_all_hiddens:
+                states.append(x)
+        x = connection.end(self, x, carry)
+
+        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        return {
+            "encoder_out": [x],  # T x B x C
+            "encoder_padding_mask": [padding_mask],  # B x T
+            "encoder_embedding": [encoder_embedding],  # B x T x C
+            "encoder_states": states,  # List[T x B x C]
+            "fc_results": [None] * max(len(states) - 1, 0),
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+        }
 
     def forward_embedding(self, src_tokens, token_embedding=None):
         if token_embedding is None:
@@ -39,13 +105,15 @@ class B2TTransformerEncoder(TransformerEncoderBase):
         return super().forward_embedding(src_tokens, token_embedding)
 
 
-class B2TTransformerDecoder(TransformerDecoderBase):
+class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
         side = "decoder-only" if no_encoder_attn else "decoder"
         self.connection = get_connection(cfg.connection)(stack_shape(cfg, side))
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
+        self.connection.attach_stack(self)
+        self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "dec")
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
@@ -63,11 +131,76 @@ class B2TTransformerDecoder(TransformerDecoderBase):
         p = self.word_dropout_p if self.training else 0.0
         # position 0 is the start-of-sentence token: never dropped
         with dropping_words(self.embed_tokens, p, keep_first=True):
-            return super().extract_features_scriptable(
-                prev_output_tokens,
-                encoder_out,
+            x = self._embed(prev_output_tokens, incremental_state)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        enc: Optional[Tensor] = None
+        encoder_padding_mask: Optional[Tensor] = None
+        if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+            enc = encoder_out["encoder_out"][0]
+        if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+            encoder_padding_mask = encoder_out["encoder_padding_mask"][0]
+        self_attn_padding_mask: Optional[Tensor] = None
+        if prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
+        self_attn_mask: Optional[Tensor] = None
+        if incremental_state is None and not full_context_alignment:
+            self_attn_mask = self.buffered_future_mask(x)
+
+        attn: Optional[Tensor] = None
+        inner_states: List[Optional[Tensor]] = [x]
+        connection = self.connection
+        x, carry = connection.begin(self, x)
+        for index, layer in enumerate(self.layers):
+            x = connection.layer_input(self, index, x, carry)
+            aligned = index == alignment_layer
+            x, layer_attn, carry = self._call_layer(
+                layer,
+                x,
+                enc,
+                encoder_padding_mask,
                 incremental_state,
-                full_context_alignment,
-                alignment_layer,
-                alignment_heads,
+                self_attn_mask=self_attn_mask,
+                self_attn_padding_mask=self_attn_padding_mask,
+                need_attn=aligned,
+                need_head_weights=aligned,
+                carry=carry,
             )
+            carry = connection.layer_output(self, index, x, carry)
+            inner_states.append(x)
+            if layer_attn is not None and aligned:
+                attn = layer_attn.float().to(x)
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)  # average over heads
+        x = connection.end(self, x, carry)
+
+        x = x.transpose(0, 1)  # T x B x C -> B x T x C
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {"attn": [attn], "inner_states": inner_states}
+
+    def _embed(self, prev_output_tokens, incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]]):
+        """Token and position embeddings of the decoder input (the last position when decoding step by step),
+        T x B x C, as fairseq computes them."""
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            if positions is not None:
+                positions = positions[:, -1:]
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens.contiguous())
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x = x + positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        return x.transpose(0, 1)  # B x T x C -> T x B x C

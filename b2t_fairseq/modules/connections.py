@@ -1,15 +1,30 @@
 """The residual methods: how a Transformer layer wires its sub-layers to the residual stream.
 
-One class per method, each holding its whole difference (METHODS.md has the table with references):
+One class per method, each holding its whole difference (METHODS.md has the table with references).
 
-    sublayer(layer, name, x, f, norm)   one sub-layer: ``f`` is attention or FFN (dropout included), ``norm``
-                                        the layer norm that belongs to it, ``name`` one of SUBLAYERS
-    last_sublayer(..., bottom)          the FFN; ``bottom`` is the raw input of the whole layer (B2T uses it)
-    add_parameters(layer, names)        parameters the method adds to a layer (Admin's omega, ReZero's a, ...)
-    scale_init(stack, shape)            the method's own initialisation, after fairseq's (``--init-scaling``)
+Inside a layer:
+
+    sublayer(layer, name, x, f, norm, carry)  one sub-layer: ``f`` is attention or FFN (dropout included),
+                                              ``norm`` the layer norm that belongs to it, ``name`` one of
+                                              SUBLAYERS; ``carry`` is the layer's own copy of what travels
+                                              from layer to layer besides ``x`` (ResiDual's dual stream,
+                                              RealFormer's attention scores), a dict it may update
+    last_sublayer(..., carry, bottom)         the FFN; ``bottom`` is the raw input of the whole layer (B2T)
+    add_parameters(layer, names)              what the method adds to a layer (Admin's omega, ReZero's a, ...)
+
+Around the layers of one stack (encoder, decoder; the stacks call these for every method):
+
+    attach_stack(stack)                       parameters of the whole stack (DLCL's weights)
+    begin(stack, x) -> (x, carry)             after the embeddings; the first carry
+    layer_input(stack, i, x, carry) -> x      the input of layer i (DLCL combines the earlier outputs)
+    layer_output(stack, i, x, carry) -> carry after layer i
+    end(stack, x, carry) -> x                 the stack's output (default: its final layer norm, if any)
+
+    scale_init(stack, shape)                  the method's own initialisation, after fairseq's (``--init-scaling``)
 
 Class attributes say what the stacks must build: ``final_norm`` (one layer norm on top of each stack, which
-fairseq keys off ``normalize_before``) and ``layer_norms`` (False: the layers have none at all).
+fairseq keys off ``normalize_before``) and ``layer_norms`` (False: the layers have none at all); ``knobs`` are
+the method's own options with their defaults (other methods refuse them).
 
 An object is made per stack (:class:`StackShape` gives its side and the depths N and M), so depth-dependent
 constants are computed once, in ``__init__``.
@@ -19,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import nn
 
 SUBLAYERS = ("self_attn", "encoder_attn", "ffn")
@@ -63,17 +79,41 @@ class Connection:
     # False: the method defines no decoder-only (language model) form
     decoder_only = True
 
+    # the method's own options (fairseq config names) and their defaults
+    knobs = {}
+    # False: the method weighs every layer's output, so layers cannot be dropped (--*-layerdrop)
+    layerdrop = True
+
     def __init__(self, shape: StackShape):
         self.shape = shape
+
+    def option(self, name):
+        value = getattr(self.shape.options, name, None)
+        return self.knobs[name] if value is None else value
 
     def add_parameters(self, layer, names):
         pass
 
-    def sublayer(self, layer, name, x, f, norm):
+    def attach_stack(self, stack):
+        pass
+
+    def begin(self, stack, x):
+        return x, {}
+
+    def layer_input(self, stack, index, x, carry):
+        return x
+
+    def layer_output(self, stack, index, x, carry):
+        return carry
+
+    def end(self, stack, x, carry):
+        return x if stack.layer_norm is None else stack.layer_norm(x)
+
+    def sublayer(self, layer, name, x, f, norm, carry):
         raise NotImplementedError
 
-    def last_sublayer(self, layer, name, x, f, norm, bottom):
-        return self.sublayer(layer, name, x, f, norm)
+    def last_sublayer(self, layer, name, x, f, norm, carry, bottom):
+        return self.sublayer(layer, name, x, f, norm, carry)
 
     @classmethod
     def scale_init(cls, stack, shape):
@@ -89,7 +129,7 @@ class PostLN(Connection):
 
     name = "post-ln"
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return norm(x + f(x))
 
 
@@ -99,7 +139,7 @@ class PreLN(Connection):
     name = "pre-ln"
     final_norm = True
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return x + f(norm(x))
 
 
@@ -111,7 +151,7 @@ class B2T(PostLN):
     name = "b2t"
     default_init_scaling = "depth"
 
-    def last_sublayer(self, layer, name, x, f, norm, bottom):
+    def last_sublayer(self, layer, name, x, f, norm, carry, bottom):
         return norm(bottom + x + f(x))
 
     @classmethod
@@ -146,7 +186,7 @@ class DeepNorm(Connection):
         super().__init__(shape)
         self.alpha = self.constants(shape)[0]
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return norm(self.alpha * x + f(x))
 
     @classmethod
@@ -163,6 +203,7 @@ class Admin(Connection):
     forms (O(n): 1, O(1): sqrt(n))."""
 
     name = "admin"
+    knobs = {"admin_output_change": "O(logn)"}
 
     @staticmethod
     def omega(n, output_change="O(logn)"):
@@ -173,12 +214,11 @@ class Admin(Connection):
         return math.sqrt((n + 1) / math.log(n + 1) - 1)
 
     def add_parameters(self, layer, names):
-        change = getattr(self.shape.options, "admin_output_change", None) or "O(logn)"
-        value = self.omega(self.shape.residual_sublayers, change)
+        value = self.omega(self.shape.residual_sublayers, self.option("admin_output_change"))
         for name in names:
             setattr(layer, f"{name}_omega", nn.Parameter(torch.full((self.shape.embed_dim,), value)))
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return norm(getattr(layer, f"{name}_omega") * x + f(x))
 
 
@@ -193,7 +233,7 @@ class TFixup(Connection):
     default_init_scaling = "tfixup"
     decoder_only = False
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return x + f(x)
 
     @staticmethod
@@ -225,7 +265,7 @@ class ReZero(Connection):
         for name in names:
             setattr(layer, f"{name}_rezero_a", nn.Parameter(torch.zeros(1)))
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return x + getattr(layer, f"{name}_rezero_a") * f(x)
 
 
@@ -242,13 +282,167 @@ class PeriLN(Connection):
         for name in names:
             setattr(layer, f"{name}_out_layer_norm", LayerNorm(self.shape.embed_dim))
 
-    def sublayer(self, layer, name, x, f, norm):
+    def sublayer(self, layer, name, x, f, norm, carry):
         return x + getattr(layer, f"{name}_out_layer_norm")(f(norm(x)))
 
 
-CONNECTIONS = {c.name: c for c in (B2T, PostLN, PreLN, DeepNorm, Admin, TFixup, ReZero, PeriLN)}
+def _extend(module, cls):
+    """Make ``module`` an instance of ``cls``, a subclass of its class that changes one method: the module keeps
+    its parameters, their names and their initial values (fairseq's random draws stay as in a post-ln build)."""
+    assert isinstance(module, cls.__mro__[1]), (type(module), cls)
+    module.__class__ = cls
+    return module
+
+
+class DLCL(PreLN):
+    """DLCL (Wang et al. 2019), learnable dense history as in its reference code: Pre-LN layers; the input
+    of layer l+1 is sum_{k<=l} W[l, k] * LN_k(y_k), with y_0 the embeddings (no LN) and y_k the output of
+    layer k; the stack's output is the row-N combination, then the final LN. W (``dlcl_weights``,
+    (N+1) x (N+1), only its lower triangle is used) starts with each row averaging its entries;
+    ``dlcl_layer_norms`` are LN_1..LN_N."""
+
+    name = "dlcl"
+    layerdrop = False
+
+    def attach_stack(self, stack):
+        from fairseq.modules import LayerNorm
+
+        n = self.shape.layers
+        weights = torch.ones(n + 1, n + 1).tril()
+        stack.dlcl_weights = nn.Parameter(weights / weights.sum(1, keepdim=True))
+        stack.dlcl_layer_norms = nn.ModuleList(LayerNorm(self.shape.embed_dim) for _ in range(n))
+
+    @staticmethod
+    def combine(stack, row, history):
+        weights = stack.dlcl_weights[row, : len(history)].to(history[0].dtype)
+        return torch.einsum("k,k...->...", weights, torch.stack(history))
+
+    def begin(self, stack, x):
+        return x, {"dlcl_history": (x,)}
+
+    def layer_input(self, stack, index, x, carry):
+        return self.combine(stack, index, carry["dlcl_history"])
+
+    def layer_output(self, stack, index, x, carry):
+        return {**carry, "dlcl_history": carry["dlcl_history"] + (stack.dlcl_layer_norms[index](x),)}
+
+    def end(self, stack, x, carry):
+        return stack.layer_norm(self.combine(stack, len(stack.dlcl_layer_norms), carry["dlcl_history"]))
+
+
+class ResiDual(Connection):
+    """ResiDual (Xie et al. 2023): a Post-LN stream x_{k+1} = LN(x_k + F(x_k)) beside a dual stream
+    r_{k+1} = r_k + F(x_k), r_0 = the embeddings, over all sub-layers of the stack; the stack's output is
+    alpha * x + LN(r) with the stack's final LN (``--resi-dual-alpha``, 1 as in the reference)."""
+
+    name = "resi-dual"
+    final_norm = True
+    knobs = {"resi_dual_alpha": 1.0}
+
+    def __init__(self, shape):
+        super().__init__(shape)
+        self.alpha = float(self.option("resi_dual_alpha"))
+
+    def begin(self, stack, x):
+        return x, {"dual": x}
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        h = f(x)
+        carry["dual"] = carry["dual"] + h
+        return norm(x + h)
+
+    def end(self, stack, x, carry):
+        return self.alpha * x + stack.layer_norm(carry["dual"])
+
+
+class ResidualScoreAttention(MultiheadAttention):
+    """fairseq's attention with RealFormer's residual scores: the previous layer's pre-softmax scores
+    ``carried`` are added to Q K^T / sqrt(d_head) before the masks, and the sum replaces them. fairseq calls
+    ``apply_sparse_mask`` on exactly those scores; its fused path never does, so it is switched off."""
+
+    carried: Optional[torch.Tensor] = None
+
+    def apply_sparse_mask(self, attn_weights, tgt_len: int, src_len: int, bsz: int):
+        if self.carried is not None:
+            attn_weights = attn_weights + self.carried
+        self.carried = attn_weights
+        return attn_weights.clone()  # fairseq adds the attention mask in place
+
+
+class RealFormer(PostLN):
+    """RealFormer (He et al. 2021): Post-LN layers whose attention scores carry up the stack,
+    S_l = Q_l K_l^T / sqrt(d_head) + S_{l-1} before softmax and masks, per head; self- and cross-attention
+    each carry their own. Needs the scores, so it runs fairseq's unfused attention."""
+
+    name = "realformer"
+
+    def add_parameters(self, layer, names):
+        for name in names:
+            if name != "ffn":
+                _extend(getattr(layer, name), ResidualScoreAttention)._set_skip_embed_dim_check()
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        if name == "ffn":
+            return norm(x + f(x))
+        attention = getattr(layer, name)
+        attention.carried = carry.get(name)
+        h = f(x)
+        carry[name], attention.carried = attention.carried, None
+        return norm(x + h)
+
+
+class InputNormedLinear(nn.Linear):
+    """A Linear layer with a layer norm on its input (``sub_layer_norm``): Sub-LN's extra norms."""
+
+    def forward(self, x):
+        return super().forward(self.sub_layer_norm(x))
+
+
+class SubLN(PreLN):
+    """Sub-LN (Magneto, Wang et al. 2022b): Pre-LN plus a layer norm on the input of the self-attention's
+    out_proj and of fc2 (``self_attn.out_proj.sub_layer_norm``, ``fc2.sub_layer_norm``). Init (torchscale's
+    ``--subln``): weights and biases of self_attn.v_proj, self_attn.out_proj, fc1, fc2 times gamma; encoder
+    gamma = sqrt(ln(3M) ln(2N) / 3), decoder sqrt(ln 3M), decoder-only sqrt(ln 2M); cross-attention is
+    left alone."""
+
+    name = "sub-ln"
+    default_init_scaling = "subln"
+    SCALED = ("self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+
+    def add_parameters(self, layer, names):
+        from fairseq.modules import LayerNorm
+
+        layer.self_attn._set_skip_embed_dim_check()  # the fused path would skip out_proj's forward
+        for linear in (layer.self_attn.out_proj, layer.fc2):
+            _extend(linear, InputNormedLinear).sub_layer_norm = LayerNorm(linear.in_features)
+
+    @staticmethod
+    def gamma(shape):
+        n, m = shape.encoder_layers, shape.decoder_layers
+        if shape.side == "encoder":
+            return math.sqrt(math.log(3 * m) * math.log(2 * n) / 3)
+        if shape.side == "decoder":
+            return math.sqrt(math.log(3 * m))
+        return math.sqrt(math.log(2 * shape.layers))
+
+    @classmethod
+    def scale_init(cls, stack, shape):
+        gamma = cls.gamma(shape)
+        for layer in stack.layers._modules.values():
+            for name in cls.SCALED:
+                module = layer.get_submodule(name)
+                module.weight.mul_(gamma)
+                if module.bias is not None:
+                    module.bias.mul_(gamma)
+        return gamma
+
+
+CONNECTIONS = {
+    c.name: c
+    for c in (B2T, PostLN, PreLN, DeepNorm, Admin, TFixup, DLCL, RealFormer, ResiDual, PeriLN, ReZero, SubLN)
+}
 # --init-scaling choices besides auto/none: the rules named after the method that owns them
-INIT_RULES = {"depth": B2T, "deepnorm": DeepNorm, "tfixup": TFixup}
+INIT_RULES = {"depth": B2T, "deepnorm": DeepNorm, "tfixup": TFixup, "subln": SubLN}
 
 
 def get_connection(name):

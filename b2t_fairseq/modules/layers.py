@@ -41,7 +41,17 @@ class ConnectedEncoderLayer(TransformerEncoderLayerBase):
         x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
         return self.dropout_module(self.fc2(x))
 
-    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
+    def forward(
+        self,
+        x,
+        encoder_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor] = None,
+        carry: Optional[Dict[str, Tensor]] = None,
+    ):
+        """fairseq's encoder layer call; with ``carry`` (what the method passes between layers, see
+        connections.py), returns ``(x, carry)``, the input left unchanged."""
+        given = carry is not None
+        carry = dict(carry) if given else {}
         if attn_mask is not None:
             # same large-negative (not -inf) masking as fairseq, so fully padded rows stay finite
             attn_mask = attn_mask.masked_fill(attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4)
@@ -53,8 +63,9 @@ class ConnectedEncoderLayer(TransformerEncoderLayerBase):
             return self.dropout_module(h)
 
         bottom = x
-        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm)
-        return self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, bottom)
+        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm, carry)
+        x = self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, carry, bottom)
+        return (x, carry) if given else x
 
 
 class ConnectedDecoderLayer(TransformerDecoderLayerBase):
@@ -91,7 +102,12 @@ class ConnectedDecoderLayer(TransformerDecoderLayerBase):
         self_attn_padding_mask: Optional[Tensor] = None,
         need_attn: bool = False,
         need_head_weights: bool = False,
+        carry: Optional[Dict[str, Tensor]] = None,
     ):
+        """fairseq's decoder layer call; returns ``(x, attn, None)``, or ``(x, attn, carry)`` when given
+        ``carry`` (what the method passes between layers, see connections.py; the input is left unchanged)."""
+        given = carry is not None
+        carry = dict(carry) if given else {}
         need_attn = need_attn or need_head_weights
         if prev_self_attn_state is not None:
             self._restore_attn_state(self.self_attn, prev_self_attn_state, incremental_state)
@@ -126,8 +142,10 @@ class ConnectedDecoderLayer(TransformerDecoderLayerBase):
             return self.dropout_module(h)
 
         bottom = x
-        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm)
+        x = self.connection.sublayer(self, "self_attn", x, self_attention, self.self_attn_layer_norm, carry)
         if self.encoder_attn is not None and encoder_out is not None:
-            x = self.connection.sublayer(self, "encoder_attn", x, cross_attention, self.encoder_attn_layer_norm)
-        x = self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, bottom)
-        return x, attn, None
+            x = self.connection.sublayer(
+                self, "encoder_attn", x, cross_attention, self.encoder_attn_layer_norm, carry
+            )
+        x = self.connection.last_sublayer(self, "ffn", x, self.feed_forward, self.final_layer_norm, carry, bottom)
+        return x, attn, (carry if given else None)

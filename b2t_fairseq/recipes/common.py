@@ -20,8 +20,13 @@ from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
-METHODS = ("post-ln", "pre-ln", "b2t")  # table order: baselines first
-METHOD_NAMES = {"post-ln": "Post-LN", "pre-ln": "Pre-LN", "b2t": "B2T"}
+# table order: the baselines, the other deep-Transformer methods (the order of the B2T paper's comparison, then
+# the newer ones), B2T last
+METHODS = ("post-ln", "pre-ln", "dlcl", "admin", "tfixup", "realformer", "deepnorm", "resi-dual", "rezero", "sub-ln",
+           "peri-ln", "b2t")  # fmt: skip
+METHOD_NAMES = {"post-ln": "Post-LN", "pre-ln": "Pre-LN", "dlcl": "DLCL", "admin": "Admin", "tfixup": "T-Fixup",
+                "realformer": "RealFormer", "deepnorm": "DeepNet", "resi-dual": "ResiDual", "rezero": "ReZero",
+                "sub-ln": "Sub-LN", "peri-ln": "Peri-LN", "b2t": "B2T"}  # fmt: skip
 RECIPE_FILE = "recipe.json"  # written by `train` into the save dir, so `evaluate` knows which row it scores
 # Set by a recipe itself; changing them through `-- extra` would break the identical-settings or token-budget
 # guarantees, so they are refused there with the option to use instead.
@@ -129,7 +134,7 @@ def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir,
     extra = list(extra)
     check_extra(extra, reserved)
     config = load(int(depth), scale)
-    train = dict(config["train"])
+    train = method_train_options(config, method)
     if max_tokens is not None:
         train["max-tokens"] = max_tokens
     if "max-tokens" not in train:
@@ -154,6 +159,25 @@ def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir,
         "tokens_per_update": workers * int(train["max-tokens"]) * freq, "extra": extra, "command": shlex.join(cmd),
     }  # fmt: skip
     return cmd, info
+
+
+def method_train_options(config, method):
+    """The config's fairseq-train flags for ``method``: ``train``, with the config's ``method_overrides`` entry
+    for that method on top (the exceptions a method itself requires, e.g. T-Fixup's training without warmup).
+    An override value may name another train flag in braces: ``"{lr}"`` is the train section's lr."""
+    train = dict(config["train"])
+    overrides = (config.get("method_overrides") or {}).get(method) or {}
+    unknown = sorted(set(config.get("method_overrides") or {}) - set(METHODS))
+    if unknown:
+        raise RecipeError(f"method_overrides names unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for key, value in overrides.items():
+        if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+            ref = value[1:-1]
+            if ref not in train:
+                raise RecipeError(f"method_overrides: {method}: {key}: {value} names no flag of the train section")
+            value = train[ref]
+        train[key] = value
+    return train
 
 
 def write_recipe_facts(save_dir, info):

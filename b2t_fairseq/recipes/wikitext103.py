@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, add_evaluate_parser, add_table_parser,
     add_train_parser, average_run, by_row, default_config_dir, default_cpu, fairseq_errors,
@@ -118,6 +119,11 @@ def _load_train_config(config_dir, depth, scale):
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
                         config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
+    if method in CONNECTIONS and not CONNECTIONS[method].decoder_only:
+        raise RecipeError(
+            f"--method {method} defines its initialisation for encoder-decoder models only, so the language-model "
+            "recipe cannot train it; choose another --method"
+        )
     load = functools.partial(_load_train_config, config_dir)
     return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
                          reserved=RESERVED)  # fmt: skip

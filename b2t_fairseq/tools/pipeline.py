@@ -165,12 +165,12 @@ def average(save_dir, last):
     return output
 
 
-def generate(work, data_bin, checkpoint, options):
+def generate(work, data_bin, checkpoint, options, cpu=True):
     output = work / "generate-test.txt"
     _run(
         _python_m(
             "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint,
-            "--gen-subset", "test", "--cpu", *as_flags(options),
+            "--gen-subset", "test", *(["--cpu"] if cpu else []), *as_flags(options),
         ),  # fmt: skip
         log=output,
     )
