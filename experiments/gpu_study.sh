@@ -19,8 +19,8 @@ mkdir -p "$out"
 cat "$out/machine.txt"
 stop=$(( (minutes + 3) * 60 ))
 study=(python3 experiments/stability_study.py --work "$work" --gpu --deadline-minutes "$minutes")
-timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 10 > "$out/train.log" 2>&1 &
-timeout "$stop" "${study[@]}" --stages deep100 --jobs 6 > "$out/deep100.log" 2>&1 &
+timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 12 > "$out/train.log" 2>&1 &
+timeout "$stop" "${study[@]}" --stages deep100 --jobs 4 > "$out/deep100.log" 2>&1 &
 wait
 for run in "$work"/18l-* "$work"/100l-*; do
   [ -d "$run" ] || continue
