@@ -16,6 +16,10 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # numerical reference for --connection admin (its only requirement, torch, is already satisfied).
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
           'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 matplotlib pytest admin-torch==0.1.0
+# Test-only numerical reference for --connection deepnorm and sub-ln, without its dependencies: it requires
+# timm (which pulls torchvision and with it another torch) and fairscale, used only for drop path, activation
+# checkpointing and FSDP, none of which the compared layers use (tests/test_methods.py stands in for them).
+TEST_NODEPS := torchscale==0.3.0
 
 DATA ?=
 SRC  ?=
@@ -33,6 +37,7 @@ $(VENV)/.b2t-deps:
 	$(BIN)/pip install $(TORCH) numpy cython
 	$(BIN)/pip install --no-build-isolation --no-deps $(FAIRSEQ)
 	$(BIN)/pip install $(DEPS)
+	$(BIN)/pip install --no-deps $(TEST_NODEPS)
 	touch $@
 
 # A regular (non-editable) install, so that `--user-dir b2t_fairseq` resolves from any working directory

@@ -3,12 +3,17 @@
 # Run here first:  .venv/bin/python experiments/stability_study.py --work study-out --stages data
 # then on the device, from the repository root, with study-out carried and the kit installed:
 #   bash experiments/gpu_study.sh study-out 5
-# It starts no run after MINUTES (second argument) and stops all at MINUTES + 3; each finished run's record
-# (study.json) and training log are copied to $OUT/<run>/, for `stability_study.py --stages report` here.
+# It starts no run after MINUTES (second argument) and stops all at MINUTES + 3; the finished runs' records
+# (study.json), training logs and decoder outputs come back as $OUT/runs.tgz: unpack it in the repository root
+# (it holds study-out/<run>/...), then `stability_study.py --stages report` here. A run without study.json is
+# reported from its log as interrupted; rerunning the study does not continue it (its checkpoints stayed on the
+# device) but starts it afresh.
+# One H200, 2026-12-04: 12 trainings and 4 deep runs at once took ~8 minutes to train the 18L models, and
+# decoding twelve models at once then did not finish; hence fewer runs at once below.
 set -uo pipefail
 work=${1:-study-out}
 minutes=${2:-5}
-out=${OUT:-gpu-study-out}
+out=$(realpath -m "${OUT:-gpu-study-out}")
 mkdir -p "$out"
 {
   date -u +%FT%TZ
@@ -19,13 +24,12 @@ mkdir -p "$out"
 cat "$out/machine.txt"
 stop=$(( (minutes + 3) * 60 ))
 study=(python3 experiments/stability_study.py --work "$work" --gpu --deadline-minutes "$minutes")
-timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 12 > "$out/train.log" 2>&1 &
+timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 6 > "$out/train.log" 2>&1 &
 timeout "$stop" "${study[@]}" --stages deep100 --jobs 4 > "$out/deep100.log" 2>&1 &
 wait
-for run in "$work"/18l-* "$work"/100l-*; do
-  [ -d "$run" ] || continue
-  mkdir -p "$out/$(basename "$run")"
-  cp "$run"/study.json "$run"/train.log "$run"/generate-test.txt "$out/$(basename "$run")/" 2>/dev/null
-done
+cd "$(dirname "$work")" && tar czf "$out/runs.tgz" --ignore-failed-read \
+  "$(basename "$work")"/18l-*/{study.json,train.log,generate-test.txt} \
+  "$(basename "$work")"/100l-*/{study.json,train.log} 2>/dev/null
+cd - > /dev/null
 grep -h '"method"' "$out"/train.log "$out"/deep100.log | cut -c1-200
-ls "$out"/*/study.json 2>/dev/null | wc -l
+echo "finished runs: $(ls "$work"/*/study.json 2>/dev/null | wc -l)"

@@ -129,7 +129,7 @@ def train_one(work, data_bin, reference, method, seed, config, runner):
     if done.is_file():
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
-    log = run / "train.log"
+    log = _start_log(run)
     started = datetime.datetime.now()
     try:
         flags = ["--connection", method, "--seed", str(seed)]
@@ -155,6 +155,19 @@ def train_one(work, data_bin, reference, method, seed, config, runner):
     return result
 
 
+def _start_log(run):
+    """The training log of ``run``, which fairseq-train appends to when it resumes from checkpoint_last.pt. A log
+    without that checkpoint (a run stopped before its first save, or whose checkpoints stayed on another
+    machine) would mix two runs: it is moved aside, not continued."""
+    log = run / "train.log"
+    if log.is_file() and not (run / "checkpoints" / "checkpoint_last.pt").is_file():
+        n = 1
+        while (run / f"train.log.abandoned{n}").exists():
+            n += 1
+        os.replace(log, run / f"train.log.abandoned{n}")
+    return log
+
+
 def _write_atomic(path, text):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -175,11 +188,12 @@ def deep_one(work, data_bin, method, config, runner):
     if done.is_file():
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
+    log = _start_log(run)
     started = datetime.datetime.now()
     failed = None
     try:
         flags = ["--connection", method, "--seed", "1"]
-        pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=run / "train.log")
+        pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=log)
     except pipeline.PipelineError as e:
         failed = str(e)
     train_pts, valid_pts = _train_points(run / "train.log")
@@ -247,10 +261,17 @@ def grad_ratio_table(produced):
         ratios = {}
         for (conn, stack, _seed), layers in per.items():
             lo, hi = min(layers), max(layers)
-            ratios.setdefault((conn, stack), []).append(layers[lo] / layers[hi])
+            # a top layer without any gradient (ReZero's encoder at init: a = 0 everywhere, so the decoder's
+            # output does not depend on it) has no ratio
+            ratios.setdefault((conn, stack), []).append(layers[lo] / layers[hi] if layers[hi] > 0 else None)
         for (conn, stack), values in sorted(ratios.items()):
-            rows.append({"setting": name, "connection": conn, "stack": stack, "ratio_mean": sum(values) / len(values),
-                         "ratio_min": min(values), "ratio_max": max(values), "seeds": len(values)})  # fmt: skip
+            defined = [v for v in values if v is not None]
+            row = {"setting": name, "connection": conn, "stack": stack, "ratio_mean": None, "ratio_min": None,
+                   "ratio_max": None, "seeds": len(values)}  # fmt: skip
+            if defined:
+                row.update(ratio_mean=sum(defined) / len(defined), ratio_min=min(defined), ratio_max=max(defined),
+                           seeds=len(defined))  # fmt: skip
+            rows.append(row)
     return rows
 
 
@@ -272,7 +293,8 @@ def machine():
 
 
 def _records(work, pattern):
-    """The finished runs' records (study.json; result.json as earlier versions of this script named it)."""
+    """The runs' records: study.json (result.json as earlier versions of this script named it), or, for a run
+    that was stopped before it wrote one, what its training log shows, marked ``interrupted``."""
     out = []
     for run in sorted(work.glob(pattern)):
         for name in ("study.json", "result.json"):
@@ -281,7 +303,30 @@ def _records(work, pattern):
                 record["log"] = str(run / "train.log")  # where it is now, wherever it ran
                 out.append(record)
                 break
+        else:
+            if (run / "train.log").is_file():
+                out.append(_interrupted_record(run))
     return out
+
+
+def _interrupted_record(run):
+    """A run's record from its training log alone (its process was stopped before the study recorded it)."""
+    log = run / "train.log"
+    text = log.read_text(encoding="utf-8", errors="replace")
+    train_pts, valid_pts = _train_points(log)
+    losses = [v for _, v in train_pts]
+    kind, _, rest = run.name.partition("-")
+    method, _, seed = rest.rpartition("-seed") if kind == "18l" else (rest, "", "1")
+    return {"method": method, "seed": seed, "layers": 100 if kind == "100l" else 18,
+            "device": "gpu" if "CUDA enviroments" in text else "cpu",
+            "failed": None, "interrupted": True, "train_minutes": None,
+            "updates": train_pts[-1][0] if train_pts else 0,
+            "final_train_loss": losses[-1] if losses else None,
+            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "all_finite": bool(losses) and all(map(_finite, losses)),
+            "final_valid_loss": valid_pts[-1][1] if valid_pts else None,
+            "best_valid_loss": min((v for _, v in valid_pts), default=None),
+            "valid": valid_pts, "log": str(log)}  # fmt: skip
 
 
 def stage_report(work, methods, seeds, docs=DOCS):
@@ -326,13 +371,17 @@ def render_tables(results):
                   "Min |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in sorted(results["train_18l"], key=lambda r: (METHODS.index(r["method"]), str(r["seed"]))):
             bleu = _num(r.get("bleu"), "{:.2f}") + (" (failed: " + r["failed"] + ")" if r.get("failed") else "")
+            if r.get("interrupted"):
+                bleu += " (stopped before decoding finished)"
             lines.append(f"| {r['method']} | {r['seed']} | {r['updates']} | {_num(r['final_train_loss'])} | "
                          f"{_num(r['best_valid_loss'])} | {_num(r['final_valid_loss'])} | {bleu} | "
-                         f"{r.get('device', 'cpu')} | {r['train_minutes']} |")  # fmt: skip
+                         f"{r.get('device', 'cpu')} | {_num(r['train_minutes'], '{}')} |")  # fmt: skip
         signatures = sorted({r["signature"] for r in results["train_18l"] if r.get("signature")})
-        lines += ["", f"BLEU: SacreBLEU on the first {r.get('bleu_n', '?')} lines of the sample's newstest2014 "
-                  f"(tokenized text, sentencepiece removed), {'; '.join(signatures)}. Losses are fairseq's "
-                  "label-smoothed cross-entropy in base 2.", ""]  # fmt: skip
+        scored = [r for r in results["train_18l"] if r.get("bleu_n")]
+        if scored:
+            lines += ["", f"BLEU: SacreBLEU on the first {scored[0]['bleu_n']} lines of the sample's newstest2014 "
+                      f"(tokenized text, sentencepiece removed), {'; '.join(signatures)}."]  # fmt: skip
+        lines += ["", "Losses are fairseq's label-smoothed cross-entropy in base 2.", ""]
     deep = results.get("deep100") or []
     if isinstance(deep, dict):  # one run, as earlier versions of this script wrote it
         deep = [deep]
@@ -343,15 +392,21 @@ def render_tables(results):
         for d in deep:
             valid = ", ".join(f"{u}: {v:.3f}" for u, v in d["valid"]) or "–"
             status = "" if not d["failed"] else f" FAILED: {d['failed']}"
+            if d.get("interrupted"):
+                status += " (stopped early: out of time)"
             lines.append(f"| {d['method']} | {d['updates']} | {_num(d['first_train_loss'])} | "
                          f"{_num(d['last_train_loss'])} | {d['all_finite']}{status} | {valid} | "
-                         f"{d.get('device', 'cpu')} | {d['train_minutes']} |")  # fmt: skip
+                         f"{d.get('device', 'cpu')} | {_num(d['train_minutes'], '{}')} |")  # fmt: skip
         lines.append("")
     if results["grad_norm_ratios"]:
         lines += ["### Gradient norms at initialization: lowest layer / highest layer (parameter gradients)", "",
                   "| Setting | Connection | Stack | Ratio (mean over seeds) | min | max | Seeds |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["grad_norm_ratios"]:
+            if r["ratio_mean"] is None:
+                lines.append(f"| {r['setting']} | {r['connection']} | {r['stack']} | – (no gradient at all) | – | "
+                             f"– | {r['seeds']} |")  # fmt: skip
+                continue
             lines.append(f"| {r['setting']} | {r['connection']} | {r['stack']} | {r['ratio_mean']:.3f} | "
                          f"{r['ratio_min']:.3f} | {r['ratio_max']:.3f} | {r['seeds']} |")  # fmt: skip
         lines.append("")

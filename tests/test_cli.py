@@ -80,10 +80,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path):
+# fairseq's legacy DDP: its pytorch_ddp passes device_ids, which PyTorch refuses for CPU modules. DLCL: weights of
+# the whole stack, outside the layers
+@pytest.mark.parametrize("connection", ["b2t", "dlcl"])
+def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path, connection):
     common = [
         toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
-        "--max-epoch", 3, "--dropout", 0, "--no-save", "--ddp-backend", "legacy_ddp",
+        "--max-epoch", 3, "--dropout", 0, "--no-save", "--ddp-backend", "legacy_ddp", "--connection", connection,
     ]  # fmt: skip
     single = epoch_losses(run("fairseq-train", *common, "--update-freq", 2).stdout)
 
@@ -106,6 +109,31 @@ def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path):
     assert sorted(distributed) == sorted(single) == [1, 2, 3]
     for epoch in single:
         assert distributed[epoch] == pytest.approx(single[epoch], abs=1e-3)
+
+
+@pytest.mark.parametrize("connection", ["dlcl", "sub-ln"])
+def test_new_parameters_survive_save_resume_average_and_generate(toy_corpus, tmp_path, connection):
+    """The methods whose parameters fairseq's transformer lacks (DLCL's stack weights, Sub-LN's norms inside
+    Linear layers): train, resume, average two epoch checkpoints, decode."""
+    import torch
+
+    from b2t_fairseq.checkpoint_compat import load_checkpoint
+
+    common = [toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
+              "--connection", connection, "--save-dir", tmp_path / "ckpt"]  # fmt: skip
+    run("fairseq-train", *common, "--max-epoch", 2)
+    resumed = run("fairseq-train", *common, "--max-epoch", 3)
+    assert "Loaded checkpoint" in resumed.stdout and "(epoch 3 @" not in resumed.stdout.split("Loaded checkpoint")[0]
+    run("b2t-average-checkpoints", "--inputs", tmp_path / "ckpt" / "checkpoint2.pt", tmp_path / "ckpt" / "checkpoint3.pt",
+        "--output", tmp_path / "avg.pt")  # fmt: skip
+    states = [load_checkpoint(tmp_path / name)["model"]
+              for name in ("ckpt/checkpoint2.pt", "ckpt/checkpoint3.pt", "avg.pt")]  # fmt: skip
+    key = "encoder.dlcl_weights" if connection == "dlcl" else "encoder.layers.0.fc2.sub_layer_norm.weight"
+    assert not torch.equal(states[0][key], states[1][key]), "the method's parameter must have trained"
+    torch.testing.assert_close(states[2][key], (states[0][key] + states[1][key]) / 2)
+    gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path", tmp_path / "avg.pt",
+              "--gen-subset", "valid", "--beam", 4, "--batch-size", 50, "--required-batch-size-multiple", 1, "--cpu")  # fmt: skip
+    assert sum(line.startswith("H-") for line in gen.stdout.splitlines()) == 100
 
 
 # One CLI run per kind of failure (parse time, preset, argparse); every message is covered in test_options.py.

@@ -6,7 +6,10 @@ parameters (float64, eval mode, several depths; attention recomputed from the pr
 method changes it); the init constants are recomputed here from the formulas and checked against a same-seed
 post-ln build with fairseq's init; every method trains at 18L-18L.
 """
+import importlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -533,3 +536,84 @@ def test_admin_equals_admin_torch(data_dir):
         h = layer.self_attn_layer_norm(residual["self_attn"](x, self_attn(layer, x)))
         expected = layer.final_layer_norm(residual["ffn"](h, ffn(layer)(h)))
         torch.testing.assert_close(layer(x, encoder_padding_mask=None), expected, **F64)
+
+
+def _torchscale(monkeypatch):
+    """torchscale 0.3.0 (test-only; `make test` installs it without its dependencies). Its modules import
+    fairscale (activation checkpointing, FSDP) and timm (drop path) at the top, and use them only when those
+    are switched on; where the packages are absent, stand-ins that fail when called take their place."""
+    if importlib.util.find_spec("torchscale") is None:
+        pytest.skip("torchscale is installed by `make test` (Makefile TEST_NODEPS)")
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the compared torchscale layers must not use fairscale or timm")
+
+    stand_ins = {"fairscale": {}, "fairscale.nn": {"checkpoint_wrapper": unused, "wrap": unused}, "timm": {},
+                 "timm.models": {}, "timm.models.layers": {"drop_path": unused}}  # fmt: skip
+    for name, attrs in stand_ins.items():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            monkeypatch.setitem(sys.modules, name, module)
+    from torchscale.architecture.config import EncoderDecoderConfig
+    from torchscale.architecture.decoder import DecoderLayer
+    from torchscale.architecture.encoder import EncoderLayer
+
+    return EncoderDecoderConfig, EncoderLayer, DecoderLayer
+
+
+# our parameter names -> torchscale's (FeedForwardNetwork holds fc1/fc2; Sub-LN's norms are siblings there)
+TORCHSCALE_NAMES = (("fc1.", "ffn.fc1."), ("fc2.sub_layer_norm.", "ffn.ffn_layernorm."), ("fc2.", "ffn.fc2."),
+                    ("self_attn.out_proj.sub_layer_norm.", "self_attn.inner_attn_ln."))  # fmt: skip
+
+
+def _as_torchscale(state):
+    out = {}
+    for name, value in state.items():
+        for ours, theirs in TORCHSCALE_NAMES:
+            if name.startswith(ours):
+                name = theirs + name[len(ours):]
+                break
+        out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("method", ["deepnorm", "sub-ln"])
+def test_deepnorm_and_subln_layers_equal_torchscale(data_dir, method, monkeypatch):
+    """torchscale's own EncoderLayer / DecoderLayer (deepnorm=True, or subln=True), with our weights copied in,
+    compute what our layers compute, in float64: DeepNet's alpha, Sub-LN's extra norms and their places."""
+    config_cls, encoder_layer, decoder_layer = _torchscale(monkeypatch)
+    n, m = 4, 3
+    model, task, _ = build_model(data_dir, nmt(method, n, m))
+    model.double()
+    randomize(model)
+    model.eval()
+    config = config_cls(
+        encoder_embed_dim=16, decoder_embed_dim=16, encoder_ffn_embed_dim=32, decoder_ffn_embed_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=4, encoder_layers=n, decoder_layers=m,  # as DIMS
+        activation_fn="relu", deepnorm=method == "deepnorm", subln=method == "sub-ln",
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 16, generator=g, dtype=torch.float64)  # T x B x C (torchscale: B x T x C)
+    enc = torch.randn(5, 2, 16, generator=g, dtype=torch.float64)
+    pad = torch.tensor([[False] * 5, [True, True, False, False, False]])
+    ours_enc, ours_dec = model.encoder.layers[1], model.decoder.layers[1]
+    ref_enc = encoder_layer(config, depth=1, is_encoder_decoder=True).double().eval()
+    ref_dec = decoder_layer(config, depth=1, is_encoder_decoder=True).double().eval()
+    ref_enc.load_state_dict(_as_torchscale(ours_enc.state_dict()), strict=True)
+    ref_dec.load_state_dict(_as_torchscale(ours_dec.state_dict()), strict=True)
+    if method == "deepnorm":  # the residual weight itself, as torchscale computes it
+        assert ref_enc.alpha == pytest.approx(deepnorm_alpha("encoder", n, m), rel=1e-12)
+        assert ref_dec.alpha == pytest.approx(deepnorm_alpha("decoder", n, m), rel=1e-12)
+    # torchscale's softmax runs in float32 even for float64 inputs: agreement to ~1e-7, not 1e-10
+    close = dict(rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        expected = ref_enc(enc.transpose(0, 1), encoder_padding_mask=pad)[0].transpose(0, 1)
+        torch.testing.assert_close(ours_enc(enc, encoder_padding_mask=pad), expected, **close)
+        mask = causal_mask(6).to(torch.float64)
+        expected = ref_dec(x.transpose(0, 1), encoder_out=enc.transpose(0, 1), encoder_padding_mask=pad,
+                           self_attn_mask=mask)[0].transpose(0, 1)  # fmt: skip
+        got = ours_dec(x, enc, pad, self_attn_mask=mask)[0]
+        torch.testing.assert_close(got, expected, **close)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from b2t_fairseq.analysis.output import pyplot, save_png, write_csv
+from b2t_fairseq.analysis.output import pyplot, run_colors, save_png, write_csv
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.modules import CONNECTIONS, ConnectedDecoderLayer, ConnectedEncoderLayer
 from b2t_fairseq.tools.pipeline import split_passthrough
@@ -336,7 +336,7 @@ def plot(rows, path, log_y=False, position_layer=None, title=None):
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
     stacks = [s for s in STACKS if any(r["stack"] == s for r in rows)]
-    colors = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    colors = run_colors(plt, runs)
     pos_stack = "decoder" if "decoder" in stacks else stacks[-1]
     top = max(r["layer"] for r in rows if r["stack"] == pos_stack)
     position_layer = top if position_layer is None else position_layer

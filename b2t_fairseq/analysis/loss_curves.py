@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from b2t_fairseq.analysis.output import pyplot, save_png, write_csv
+from b2t_fairseq.analysis.output import pyplot, run_colors, save_png, write_csv
 from b2t_fairseq.errors import B2TConfigError
 
 PROG = "b2t-loss-curves"
@@ -126,7 +126,7 @@ def plot(rows, path, log_y=False, title=None):
         series[r["run"], r["split"]].append((r["num_updates"], r["value"]))
     runs = list(dict.fromkeys(r["run"] for r in rows))
     valid_splits = list(dict.fromkeys(r["split"] for r in rows if r["split"] not in TRAIN_SPLITS))
-    colors = {run: plt.get_cmap("tab10")(i % 10) for i, run in enumerate(runs)}
+    colors = run_colors(plt, runs)
     styles = ["-", "--", ":", "-."]
     metric = rows[0]["metric"]
 

@@ -33,3 +33,10 @@ def save_png(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_colors(plt, runs):
+    """One colour per run, all distinct: tab10 for up to 10 runs, tab20 for up to 20 (every method of the
+    plugin in one figure), then cycling."""
+    cmap, n = (plt.get_cmap("tab10"), 10) if len(runs) <= 10 else (plt.get_cmap("tab20"), 20)
+    return {run: cmap(i % n) for i, run in enumerate(runs)}
