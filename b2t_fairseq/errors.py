@@ -9,9 +9,22 @@ class B2TConfigError(ValueError):
 _previous_hook = None
 
 
+def _own_error(exc):
+    """Our error, or the one a caller wrapped in its own (fairseq's trainer turns any failure to load weights
+    into "please ensure that the architectures match")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, B2TConfigError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _excepthook(exc_type, exc, tb):
-    if issubclass(exc_type, B2TConfigError):
-        print(f"b2t_fairseq: error: {exc}", file=sys.stderr)
+    own = _own_error(exc)
+    if own is not None:
+        print(f"b2t_fairseq: error: {own}", file=sys.stderr)
         return
     _previous_hook(exc_type, exc, tb)
 

@@ -69,6 +69,13 @@ class B2TOptions(FairseqDataclass):
     decay_val: float = field(
         default=0.0, metadata={"help": "accepted for the authors' command lines; worddrop does not use it"}
     )
+    allow_changed_identity: bool = field(
+        default=False,
+        metadata={
+            "help": "load weights of a run whose method, depths, init or word dropout differ from this model's "
+            "(refused otherwise, so that resuming or decoding never mixes two runs by accident)"
+        },
+    )
     log_layer_grad_norms: int = field(
         default=0,
         metadata={

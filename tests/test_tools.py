@@ -121,7 +121,7 @@ def test_select_too_few_says_how_many_and_where(tmp_path):
         ("count with files", "need a single directory"),
         ("both counts", "not allowed with argument"),
         ("different models", "different models"),
-        ("not a checkpoint", "cannot load checkpoint"),
+        ("not a checkpoint", "cannot read checkpoint"),
     ],
 )
 def test_average_cli_bad_input_is_one_line(tmp_path, three_checkpoints, capsys, case, message):

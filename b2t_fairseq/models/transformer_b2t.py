@@ -14,10 +14,11 @@ from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import apply_init_scaling
 from b2t_fairseq.options import add_b2t_args, as_namespace, resolve_options
+from b2t_fairseq.run_safety import IdentityChecked
 
 
 @register_model("transformer_b2t")
-class TransformerB2TModel(TransformerModel):
+class TransformerB2TModel(IdentityChecked, TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
@@ -30,7 +31,7 @@ class TransformerB2TModel(TransformerModel):
         model = super().build_model(args, task)
         apply_init_scaling(model.encoder, args.init_scaling)
         apply_init_scaling(model.decoder, args.init_scaling)
-        return attach_layer_grad_norm_logger(model, args)
+        return attach_layer_grad_norm_logger(model.record_identity(args), args)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):

@@ -19,6 +19,7 @@ from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import apply_init_scaling, get_connection
 from b2t_fairseq.options import B2TOptions, as_namespace, resolve_options
+from b2t_fairseq.run_safety import IdentityChecked
 
 
 @dataclass
@@ -27,7 +28,7 @@ class TransformerLMB2TConfig(fs.TransformerLanguageModelConfig, B2TOptions):
 
 
 @register_model("transformer_lm_b2t", dataclass=TransformerLMB2TConfig)
-class TransformerLMB2TModel(fs.TransformerLanguageModel):
+class TransformerLMB2TModel(IdentityChecked, fs.TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         args = as_namespace(args)
@@ -67,7 +68,7 @@ class TransformerLMB2TModel(fs.TransformerLanguageModel):
         cfg = TransformerConfig.from_namespace(args)
         decoder = B2TTransformerDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         apply_init_scaling(decoder, args.init_scaling)
-        return attach_layer_grad_norm_logger(cls(decoder), args)
+        return attach_layer_grad_norm_logger(cls(decoder).record_identity(args), args)
 
 
 def _mirror(name, fairseq_arch):

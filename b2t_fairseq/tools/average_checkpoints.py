@@ -14,6 +14,7 @@ import torch
 
 from b2t_fairseq.checkpoint_compat import load_checkpoint
 from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.run_safety import damaged_checkpoint_error, describe_difference, identity
 
 EPOCH_PATTERN = re.compile(r"checkpoint(\d+)\.pt")
 UPDATE_PATTERN = re.compile(r"checkpoint_\d+_(\d+)\.pt")
@@ -23,11 +24,21 @@ def _load(path):
     try:
         state = load_checkpoint(path)
     except Exception as e:  # a truncated or foreign file fails deep inside the unpickler
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise B2TConfigError(f"cannot load checkpoint {path}: {first_line}") from e
+        if "Unsupported global" in str(e):
+            first_line = str(e).strip().splitlines()[0]
+            raise B2TConfigError(f"cannot load checkpoint {path}: {first_line}") from None
+        raise damaged_checkpoint_error(str(path), e) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise B2TConfigError(f"{path} is not a fairseq checkpoint (it has no 'model' state dict)")
     return state
+
+
+def _identity(state):
+    cfg = state.get("cfg") or {}
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+    if model_cfg is None and state.get("args") is not None:  # a checkpoint of fairseq < 0.10
+        model_cfg = state["args"]
+    return identity(model_cfg) if model_cfg is not None else {}
 
 
 def _alias_key(tensor):
@@ -45,10 +56,15 @@ def average_checkpoints(paths):
         state = _load(path)
         model = state["model"]
         if first is None:
-            first = (path, model)
+            first, first_identity = (path, model), _identity(state)
             sums = {k: v.to(torch.float64, copy=True) if v.is_floating_point() else v for k, v in model.items()}
             continue
         ref_path, ref_model = first
+        diff = describe_difference(_identity(state), first_identity, (f"in {path.name}", f"in {ref_path.name}"))
+        if diff:
+            raise B2TConfigError(
+                f"{path} and {ref_path} are checkpoints of different runs ({diff}); average checkpoints of one run"
+            )
         if model.keys() != ref_model.keys():
             diff = sorted(model.keys() ^ ref_model.keys())
             raise B2TConfigError(

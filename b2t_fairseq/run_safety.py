@@ -1,0 +1,165 @@
+"""What keeps a run from being lost or silently mixed with another (issue 9), where fairseq itself reads and
+writes checkpoints. Installed when the plugin is imported; each piece is narrow and leaves fairseq's files alone.
+
+* A damaged checkpoint (empty, truncated, not a checkpoint at all) is one line naming the file and what to do,
+  never torch's traceback, and never torch's advice to switch the safe unpickler off.
+* fairseq copies its newest checkpoint to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy;
+  killed during that copy, the file is left half-written. The copy now goes to a temporary name in the same
+  directory and is renamed when complete.
+* A model of this plugin records its identity (the options that define what is trained: method, depths, init,
+  word dropout, the methods' knobs). Loading a checkpoint whose identity differs (resuming a b2t save dir with
+  ``--connection post-ln``, decoding with ``--model-overrides`` that change the method) is refused with the
+  fix, unless ``--allow-changed-identity`` says it is meant.
+"""
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+from b2t_fairseq.errors import B2TConfigError
+
+logger = logging.getLogger(__name__)
+
+# the model options that define a run; a checkpoint without one of them (a stock fairseq model) is compared on
+# what it has, with its connection read from fairseq's normalize_before
+IDENTITY = (
+    "connection", "init_scaling", "admin_output_change", "resi_dual_alpha", "sampling_method", "enc_replace_rate",
+    "dec_replace_rate", "encoder_layers", "decoder_layers",
+)  # fmt: skip
+_TAG = "_b2t_checkpoint"  # attribute of a loaded state["model"] dict: (path, the checkpoint's identity)
+
+
+def identity(cfg):
+    """The identity of a model config (argparse Namespace, DictConfig or dict)."""
+    from fairseq.utils import safe_getattr
+
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: safe_getattr(cfg, k, d))
+    out = {k: get(k) for k in IDENTITY if get(k) is not None}
+    if "connection" not in out and get("arch") is not None:  # a stock fairseq transformer
+        before = get("decoder_normalize_before", get("encoder_normalize_before", False))
+        out["connection"] = "pre-ln" if before else "post-ln"
+    for k in ("enc_replace_rate", "dec_replace_rate", "resi_dual_alpha"):
+        if k in out:
+            out[k] = float(out[k])
+    return out
+
+
+def describe_difference(theirs, ours, labels=("there", "here")):
+    """'' when the identities agree on every option both have, else what differs, e.g.
+    "connection 'b2t' there, 'post-ln' here"."""
+    keys = [k for k in IDENTITY if k in theirs and k in ours and theirs[k] != ours[k]]
+    return ", ".join(f"{k} {theirs[k]!r} {labels[0]}, {ours[k]!r} {labels[1]}" for k in keys)
+
+
+def check_loaded_identity(model, state_dict):
+    """Called by our models' load_state_dict: refuse weights of a run with another identity."""
+    tag = getattr(state_dict, _TAG, None)
+    ours = getattr(model, "b2t_identity", None)
+    if tag is None or ours is None or getattr(model, "b2t_allow_changed_identity", False):
+        return
+    path, theirs = tag
+    diff = describe_difference(theirs, ours)
+    if diff:
+        raise B2TConfigError(
+            f"{path} was trained as another run ({diff}); loading it into this model would mix two runs. Use "
+            "another --save-dir (or checkpoint) for this run, or pass --allow-changed-identity if the change is "
+            "meant"
+        )
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _intact_neighbours(path):
+    """Other non-empty checkpoints beside ``path``: the numbered ones (checkpoint3.pt, checkpoint_3_500.pt) newest
+    first, then checkpoint_best.pt / checkpoint_last.pt (which may hold an older state)."""
+    directory = Path(path).parent
+    others = [p for p in directory.glob("checkpoint*.pt") if p.name != Path(path).name and p.stat().st_size > 0]
+    named = {"checkpoint_best.pt", "checkpoint_last.pt"}
+    numbered = sorted((p for p in others if p.name not in named), key=lambda p: p.stat().st_mtime, reverse=True)
+    return numbered + [p for p in others if p.name in named]
+
+
+def damaged_checkpoint_error(path, exc):
+    """One line for a checkpoint file torch cannot read, with the fix."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    what = "empty" if size == 0 else f"{size:,} bytes, truncated or not a checkpoint"
+    fix = "use another checkpoint"
+    if Path(path).name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        neighbours = _intact_neighbours(path)
+        if neighbours:
+            fix = f"copy the newest intact one over it (e.g. {neighbours[0]}), or delete it to start that run over"
+        else:
+            fix = "delete it to start that run over"
+    return B2TConfigError(f"cannot read checkpoint {path} ({what}: an interrupted write?); {fix}")
+
+
+_READ_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, UnicodeDecodeError)
+
+
+def _guarded_loader(original):
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        try:
+            # overrides (fairseq-generate --model-overrides) are applied after the identity is read, so that one
+            # that changes the method is seen as a change
+            state = original(path, None, load_on_all_ranks)
+        except _READ_ERRORS as exc:
+            local = str(path)
+            if not os.path.isfile(local) or "Unsupported global" in str(exc):
+                raise  # a missing file, or a class the safe unpickler refuses: fairseq's / torch's message
+            raise damaged_checkpoint_error(local, exc) from None
+        model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
+        if model_cfg is not None and isinstance(state.get("model"), dict):
+            try:
+                setattr(state["model"], _TAG, (str(path), identity(model_cfg)))
+            except AttributeError:  # a plain dict cannot carry the tag; nothing to compare then
+                pass
+        if arg_overrides is not None and state.get("cfg") is not None:
+            from fairseq.dataclass.utils import overwrite_args_by_name
+
+            overwrite_args_by_name(state["cfg"], arg_overrides)
+        return state
+
+    load_checkpoint_to_cpu.__wrapped__ = original
+    return load_checkpoint_to_cpu
+
+
+# ------------------------------------------------------------------ atomic copies
+def _atomic_copy(original):
+    def copy(src_path, dst_path, overwrite=False):
+        if not (os.path.isfile(src_path) and os.path.isdir(os.path.dirname(os.path.abspath(dst_path)))):
+            return original(src_path, dst_path, overwrite)  # a remote path: fairseq's own copy
+        if os.path.exists(dst_path) and not overwrite:
+            return original(src_path, dst_path, overwrite)
+        tmp = f"{dst_path}.tmp-copy"
+        import shutil
+
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+        return True
+
+    copy.__wrapped__ = original
+    return copy
+
+
+def install():
+    """Wrap fairseq's checkpoint loading and copying (idempotent)."""
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
+        checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)
+    if not hasattr(PathManager.copy, "__wrapped__"):
+        PathManager.copy = staticmethod(_atomic_copy(PathManager.copy))
+
+
+class IdentityChecked:
+    """Mixin of our fairseq models: record the model's identity when built, check it when weights are loaded."""
+
+    def record_identity(self, args):
+        self.b2t_identity = identity(args)
+        self.b2t_allow_changed_identity = bool(getattr(args, "allow_changed_identity", False))
+        return self
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_loaded_identity(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
