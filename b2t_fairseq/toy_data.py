@@ -17,6 +17,8 @@ import argparse
 import random
 from pathlib import Path
 
+from b2t_fairseq import atomic
+
 SG, PL = "sg", "pl"
 MAX_LEN = 20
 
@@ -214,7 +216,7 @@ def write_corpus(out_dir, n_train=4000, n_valid=300, n_test=300, seed=1):
     for split, items in splits.items():
         for side, col in (("src", 0), ("tgt", 1)):
             text = "".join(p[col] + "\n" for p in items)
-            (out / f"{split}.{side}").write_text(text, encoding="utf-8")
+            atomic.write_text(out / f"{split}.{side}", text)  # train.tgt, written last, marks the whole corpus
     return {split: len(splits[split]) for split in ("train", "valid", "test")}
 
 

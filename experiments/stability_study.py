@@ -92,7 +92,7 @@ class Runner:
 def stage_data(work):
     """Corpus files cut from the sample, sentencepiece, binarization; returns the data-bin and raw test refs."""
     data_bin, reference = work / "data-bin", work / "corpus" / "test.de"
-    if (data_bin / "preprocess.log").is_file() and (data_bin / "test.en-de.de.bin").is_file() and reference.is_file():
+    if (data_bin / pipeline.COMPLETE).is_file() and reference.is_file():
         return data_bin, reference  # made earlier (here, or on the machine this work dir came from)
     if not SAMPLE.is_dir():
         raise StudyError(f"the real WMT sample {SAMPLE} is not here; the study needs it (../shared/data)")

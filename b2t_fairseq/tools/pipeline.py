@@ -13,12 +13,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from b2t_fairseq import atomic
+
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
+COMPLETE = "b2t-complete.json"  # written into a finished data-bin: its files and their sizes
 
 
 class PipelineError(Exception):
@@ -85,54 +89,94 @@ def prepare_toy(work, spec):
     from b2t_fairseq import toy_data
 
     raw = work / "raw"
-    if not (raw / "test.tgt").is_file():
+    if not (raw / "train.tgt").is_file():  # written last, each file whole or absent (toy_data)
         toy_data.write_corpus(raw, n_train=spec["train"], n_valid=spec["valid"], n_test=spec["test"], seed=spec["seed"])
     return f"{raw}/", "src", "tgt", raw / "test.tgt"
 
 
 def prepare_sentencepiece(work, prefix, src, tgt, spec):
-    """Learn one sentencepiece model on both sides of train, and encode every split with it."""
+    """Learn one sentencepiece model on both sides of train, and encode every split with it. Each output appears
+    whole or not at all; a rerun checks that both sides of each split have as many lines as the corpus."""
     import sentencepiece as spm
 
     out = work / "spm"
     out.mkdir(parents=True, exist_ok=True)
     model = out / "spm.model"
     if not model.is_file():
-        spm.SentencePieceTrainer.train(
-            input=f"{prefix}train.{src},{prefix}train.{tgt}",
-            model_prefix=str(out / "spm"),
-            vocab_size=spec.get("vocab_size", 8000),
-            model_type=spec.get("model_type", "unigram"),
-            character_coverage=spec.get("character_coverage", 1.0),
-            hard_vocab_limit=False,  # small corpora cannot always fill the requested vocabulary
-            bos_id=-1,
-            eos_id=-1,
-            minloglevel=2,
-        )
+        for split in SPLITS:  # text is read below; check it first, so a bad byte is named before minutes of training
+            for lang in (src, tgt):
+                count_lines(f"{prefix}{split}.{lang}")
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            spm.SentencePieceTrainer.train(
+                input=f"{prefix}train.{src},{prefix}train.{tgt}",
+                model_prefix=str(Path(tmp) / "spm"),
+                vocab_size=spec.get("vocab_size", 8000),
+                model_type=spec.get("model_type", "unigram"),
+                character_coverage=spec.get("character_coverage", 1.0),
+                hard_vocab_limit=False,  # small corpora cannot always fill the requested vocabulary
+                bos_id=-1,
+                eos_id=-1,
+                minloglevel=2,
+            )
+            os.replace(Path(tmp) / "spm.vocab", out / "spm.vocab")
+            os.replace(Path(tmp) / "spm.model", model)  # last: its presence means both are complete
     sp = spm.SentencePieceProcessor(model_file=str(model))
     for split in SPLITS:
         for lang in (src, tgt):
-            target = out / f"{split}.{lang}"
-            if target.is_file():
+            source, target = Path(f"{prefix}{split}.{lang}"), out / f"{split}.{lang}"
+            if target.is_file() and count_lines(target) == count_lines(source):
                 continue
-            with open(f"{prefix}{split}.{lang}", encoding="utf-8") as f, open(target, "w", encoding="utf-8") as g:
-                for line in f:
-                    g.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
+            with atomic.atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as g:
+                for line in read_lines(source):
+                    g.write(" ".join(sp.encode(line, out_type=str)) + "\n")
     return f"{out}/", src, tgt
 
 
+def read_lines(path):
+    """The lines of a UTF-8 text file without their line ends; a byte that is not UTF-8 is a PipelineError
+    naming the file, line and column."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PipelineError(
+                    f"{path}, line {number}, column {e.start + 1}: byte 0x{raw[e.start]:02x} is not UTF-8; "
+                    "convert the corpus to UTF-8 (e.g. iconv) or remove the line, then rerun"
+                ) from None
+            yield line.rstrip("\r\n")
+
+
+def count_lines(path):
+    """Lines of a UTF-8 text file (checked for UTF-8 on the way)."""
+    return sum(1 for _ in read_lines(path))
+
+
 def preprocess(work, prefix, src, tgt):
+    """fairseq-preprocess into a temporary directory, renamed to ``work``/data-bin when complete, with a record
+    of its files' sizes that a rerun checks."""
     data_bin = work / "data-bin"
-    if (data_bin / "preprocess.log").is_file() and (data_bin / f"test.{src}-{tgt}.{tgt}.bin").is_file():
-        return data_bin
-    _run(
-        _python_m(
-            "fairseq_cli.preprocess",
-            "--source-lang", src, "--target-lang", tgt,
-            "--trainpref", f"{prefix}train", "--validpref", f"{prefix}valid", "--testpref", f"{prefix}test",
-            "--destdir", data_bin, "--joined-dictionary", "--workers", str(min(2, os.cpu_count() or 1)),
-        )  # fmt: skip
-    )
+    record = data_bin / COMPLETE
+    if record.is_file():
+        sizes = json.loads(record.read_text())
+        damaged = [name for name, size in sizes.items() if not (data_bin / name).is_file() or (data_bin / name).stat().st_size != size]
+        if not damaged:
+            return data_bin
+        raise PipelineError(f"{data_bin} was changed since it was made ({damaged[0]}); delete it to rebuild it")
+    with atomic.atomic_path(data_bin) as tmp:
+        _run(
+            _python_m(
+                "fairseq_cli.preprocess",
+                "--source-lang", src, "--target-lang", tgt,
+                "--trainpref", f"{prefix}train", "--validpref", f"{prefix}valid", "--testpref", f"{prefix}test",
+                "--destdir", tmp, "--joined-dictionary", "--workers", str(min(2, os.cpu_count() or 1)),
+            )  # fmt: skip
+        )
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        empty = [name for name, size in sizes.items() if size == 0 and name.endswith((".bin", ".idx"))]
+        if empty:
+            raise PipelineError(f"fairseq-preprocess wrote an empty {empty[0]}; is a split of the corpus empty?")
+        (tmp / COMPLETE).write_text(json.dumps(sizes, indent=2) + "\n")
     return data_bin
 
 
@@ -188,18 +232,39 @@ def score(work, generate_output, reference, remove_bpe):
     return json.loads(result.read_text())
 
 
+def record_work(work, facts):
+    """``work``/pipeline.json: what the work dir was made from. A rerun with other inputs (config, corpus,
+    languages, fairseq-train flags) would mix two runs in one directory, and is refused."""
+    path = work / "pipeline.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in facts if old.get(k) != facts[k]]
+        if changed:
+            k = changed[0]
+            raise PipelineError(
+                f"{work} holds a run made with another {k} ({old.get(k)!r} there, {facts[k]!r} now); rerun with "
+                "the same inputs to continue it, or use another --work-dir"
+            )
+        return
+    atomic.write_text(path, json.dumps(facts, indent=2) + "\n")
+
+
 def run_pipeline(config, work, data=None, src=None, tgt=None, extra=()):
-    work.mkdir(parents=True, exist_ok=True)
     corpus = config["corpus"]
     if data is None:
         if "toy" not in corpus:
             raise PipelineError("this config has no 'corpus: toy:' section; pass --data with a real corpus")
-        prefix, src, tgt, reference = prepare_toy(work, corpus["toy"])
-        remove_bpe = "none"
     else:
         raw_prefix, src, tgt = find_corpus(data, src, tgt)
         if "sentencepiece" not in corpus:
             raise PipelineError("--data needs a config with a 'corpus: sentencepiece:' section (configs/demo/real.yaml)")
+    work.mkdir(parents=True, exist_ok=True)
+    record_work(work, {"config": config, "data": str(Path(raw_prefix).resolve()) if data else None, "src": src,
+                       "tgt": tgt, "extra": list(extra)})  # fmt: skip
+    if data is None:
+        prefix, src, tgt, reference = prepare_toy(work, corpus["toy"])
+        remove_bpe = "none"
+    else:
         prefix, src, tgt = prepare_sentencepiece(work, raw_prefix, src, tgt, corpus["sentencepiece"])
         reference, remove_bpe = f"{raw_prefix}test.{tgt}", "sentencepiece"
     data_bin = preprocess(work, prefix, src, tgt)
@@ -208,7 +273,7 @@ def run_pipeline(config, work, data=None, src=None, tgt=None, extra=()):
     generate_output = generate(work, data_bin, checkpoint, config.get("generate", {}))
     result = score(work, generate_output, reference, remove_bpe)
     result.update(checkpoint=str(checkpoint), src=src, tgt=tgt)
-    (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(work / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
