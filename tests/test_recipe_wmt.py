@@ -126,10 +126,12 @@ def test_the_parsed_command_is_valid_for_fairseq(data_dir):
     [
         (["train", "--method", "b2t", "--depth", "18", "--gpus", "3", "--data-bin", "d", "--save-dir", "s",
           "--dry-run"], "not a multiple of 3 worker(s)"),  # fmt: skip
-        (["train", "--method", "b2t", "--depth", "6", "--data-bin", "/nonexistent", "--save-dir", "s"],
-         "data-bin /nonexistent does not exist"),  # fmt: skip
-        (["train", "--method", "b2t", "--depth", "6", "--data-bin", "d", "--save-dir", "s", "--dry-run", "--",
-          "--connection", "pre-ln"], "use --method"),  # fmt: skip
+        (["train", "--method", "b2t", "--depth", "6", "--gpus", "8", "--data-bin", "/nonexistent", "--save-dir",
+          "s"], "data-bin /nonexistent does not exist"),  # fmt: skip
+        (["train", "--method", "b2t", "--depth", "6", "--gpus", "8", "--data-bin", "d", "--save-dir", "s",
+          "--dry-run", "--", "--connection", "pre-ln"], "use --method"),  # fmt: skip
+        (["train", "--method", "b2t", "--depth", "18", "--data-bin", "d", "--save-dir", "s", "--dry-run"],
+         "say where to train: --gpus N"),  # fmt: skip
         (["--config-dir", "/nonexistent", "table", "--results", "."], "config /nonexistent/base.yaml does not exist"),
         (["table", "--results", "/nonexistent.json"], "no such results file"),
         (["evaluate", "--save-dir", "/nonexistent", "--data-bin", "d", "--refs", "r", "--out", "o.json"],
@@ -146,7 +148,8 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 def test_unknown_method_from_the_shell_has_no_traceback():
     proc = subprocess.run(
-        [str(SCRIPTS / "train.sh"), "--method", "fixup", "--depth", "6", "--data-bin", "d", "--save-dir", "s"],
+        [str(SCRIPTS / "train.sh"), "--method", "fixup", "--depth", "6", "--gpus", "8", "--data-bin", "d",
+         "--save-dir", "s"],
         env=cli_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -417,3 +420,27 @@ def test_row_comes_from_the_checkpoint_without_recipe_json(tmp_path):
     assert (facts["method"], facts["depth"]) == ("pre-ln", 18)
     (tmp_path / "recipe.json").write_text(json.dumps({"method": "b2t", "depth": 6, "scale": "smoke", "extra": []}))
     assert recipe_facts(tmp_path, state)["method"] == "b2t"
+
+
+# ------------------------------------------------------------------ one run per save dir (issue 9)
+def test_resuming_a_row_with_other_extra_flags_is_refused(tmp_path):
+    from b2t_fairseq.recipes.common import write_recipe_facts
+
+    _, info = build_train_command("b2t", 18, 8, "data", tmp_path, extra=["--dropout", "0.3"])
+    write_recipe_facts(tmp_path, info)
+    write_recipe_facts(tmp_path, info)  # resuming the same row is fine
+    _, other = build_train_command("b2t", 18, 8, "data", tmp_path, extra=["--dropout", "0.1"])
+    with pytest.raises(RecipeError, match=r"trained with `-- --dropout 0.3`, not `-- --dropout 0.1`"):
+        write_recipe_facts(tmp_path, other)
+    assert json.loads((tmp_path / "recipe.json").read_text())["extra"] == ["--dropout", "0.3"]  # not relabelled
+    _, four_gpus = build_train_command("b2t", 18, 4, "data", tmp_path, extra=["--dropout", "0.3"])
+    write_recipe_facts(tmp_path, four_gpus)  # another GPU count keeps the tokens per update: the same row
+
+
+def test_evaluating_at_another_scale_is_refused(tmp_path):
+    from b2t_fairseq.recipes.common import average_run, write_recipe_facts
+
+    _, info = build_train_command("b2t", 18, 8, "data", tmp_path)
+    write_recipe_facts(tmp_path, info)
+    with pytest.raises(RecipeError, match=r"trained at full scale .*evaluate it with no --scale"):
+        average_run(tmp_path, 2, scale="smoke")

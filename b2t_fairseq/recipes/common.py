@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from b2t_fairseq import atomic
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
@@ -127,6 +128,13 @@ def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir,
         raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if int(depth) not in depths:
         raise RecipeError(f"unknown depth {depth!r}; choose one of {', '.join(map(str, depths))}")
+    if gpus is None:
+        if scale is None:
+            raise RecipeError(
+                "say where to train: --gpus N for N GPUs on this node, or --gpus 0 for the CPU (at full scale that "
+                "is hundreds of forward passes per update), or --scale smoke for a CPU test run"
+            )
+        gpus = 0
     if gpus < 0:
         raise RecipeError(f"--gpus must be >= 0, not {gpus}")
     if scale is not None and gpus > 0:
@@ -194,7 +202,15 @@ def write_recipe_facts(save_dir, info):
                 f"{save_dir} holds a {old.get('method')} {old.get('depth')}L run (scale {old.get('scale')}); "
                 "use another --save-dir"
             )
-    path.write_text(json.dumps(info, indent=2) + "\n")
+        # the flags after `--` are part of the row (the table labels it by them): resuming with others would
+        # continue the old weights under a new label
+        if list(old.get("extra") or []) != list(info.get("extra") or []):
+            raise RecipeError(
+                f"{save_dir} holds a run trained with `-- {' '.join(old.get('extra') or []) or '(no extra flags)'}`,"
+                f" not `-- {' '.join(info.get('extra') or []) or '(no extra flags)'}`; resume it with the same "
+                "flags, or use another --save-dir"
+            )
+    atomic.write_text(path, json.dumps(info, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------ data
@@ -270,8 +286,18 @@ def average(save_dir, n):
     return output, inputs, state
 
 
-def average_run(save_dir, n):
-    """(averaged checkpoint, the checkpoints averaged, recipe_facts) of the last ``n`` epoch checkpoints of a run."""
+def average_run(save_dir, n, scale=None):
+    """(averaged checkpoint, the checkpoints averaged, recipe_facts) of the last ``n`` epoch checkpoints of a run,
+    evaluated at ``scale`` (refused when the run's recipe.json says it was trained at another)."""
+    path = Path(save_dir) / RECIPE_FILE
+    if path.is_file():
+        trained = json.loads(path.read_text()).get("scale")
+        if trained != scale:
+            flag = f"--scale {trained}" if trained else "no --scale"
+            raise RecipeError(
+                f"{save_dir} holds a run trained at {'scale ' + trained if trained else 'full scale'} ({path}); "
+                f"evaluate it with {flag}, so that it is decoded and scored as it was trained"
+            )
     try:
         checkpoint, inputs, state = average(save_dir, n)
     except B2TConfigError as e:
@@ -385,7 +411,8 @@ def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_ma
     p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--depth", required=True, type=int, choices=depths, help=depth_help)
-    p.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0: CPU); update-freq is derived from it")
+    p.add_argument("--gpus", type=int, help="GPUs on this node (0: the CPU); update-freq is derived from it. Required "
+                   "at full scale; --scale runs on the CPU")  # fmt: skip
     p.add_argument("--data-bin", required=True, type=Path)
     p.add_argument("--save-dir", required=True, type=Path)
     p.add_argument("--scale", choices=("smoke",), help=scale_help)

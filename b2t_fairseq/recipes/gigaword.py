@@ -339,7 +339,7 @@ def evaluate(save_dir, data_bin, out, ref=None, scale=None, average_last=None, c
         test_split = {"kind": "by hand", "reference": str(reference.resolve())}
 
     n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n)
+    checkpoint, inputs, facts = average_run(save_dir, n, scale)
     cpu = default_cpu(scale) if cpu is None else cpu
     work = work_dir(out)
     gen_out = generate(data_bin, pair, checkpoint, ev["generate"], cpu, work)

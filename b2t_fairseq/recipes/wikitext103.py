@@ -218,7 +218,7 @@ def evaluate(save_dir, data_bin, out, scale=None, average_last=None, cpu=None, c
         raise RecipeError(f"save dir {save_dir} does not exist")
     check_data_bin(data_bin, subsets)
     n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n)
+    checkpoint, inputs, facts = average_run(save_dir, n, scale)
     cpu = default_cpu(scale) if cpu is None else cpu
     work = work_dir(out)
     per_subset = {}

@@ -298,7 +298,7 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
         plan.append((year, subset, src, tgt, reference))
 
     n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n)
+    checkpoint, inputs, facts = average_run(save_dir, n, scale)
     cpu = default_cpu(scale) if cpu is None else cpu
     work = work_dir(out)
     per_year = {}
