@@ -167,6 +167,11 @@ def resolve_options(args, stacks=("encoder", "decoder")):
         if rate > 0 and sampling_method != "worddrop":
             raise B2TConfigError(f"--{name.replace('_', '-')} {rate} has no effect; add --sampling-method worddrop")
         rates[name] = rate
+    if sampling_method == "worddrop" and not any(rates.values()):
+        raise B2TConfigError(
+            "--sampling-method worddrop drops nothing with --enc-replace-rate and --dec-replace-rate both 0; give "
+            "a rate (the paper's deep rows use 0.1 on both sides)"
+        )
 
     args.connection = connection
     args.residual_bottom_to_top = bool(safe_getattr(args, "residual_bottom_to_top", False))

@@ -177,6 +177,9 @@ def test_deep_preset_overrides(data_dir, depth):
     assert args.enc_replace_rate == 0.2 and args.dec_replace_rate == 0.1 and args.sampling_method == "worddrop"
     args = parse(data_dir, "--arch", arch, "--dec-replace-rate", "0")
     assert args.enc_replace_rate == 0.1 and args.dec_replace_rate == 0.0
+    # naming the preset's own word dropout keeps its rates (it used to train with rate 0)
+    args = parse(data_dir, "--arch", arch, "--sampling-method", "worddrop")
+    assert args.enc_replace_rate == 0.1 and args.dec_replace_rate == 0.1
     args = parse(data_dir, "--arch", arch, "--connection", "pre-ln")
     assert args.connection == "pre-ln" and args.init_scaling == "none" and args.encoder_normalize_before
     args = parse(data_dir, "--arch", arch, "--init-scaling", "none")
@@ -221,3 +224,8 @@ def test_authors_18l_command_line(data_dir):
     assert args.share_all_embeddings and args.encoder_embed_dim == 512
     assert not args.encoder_normalize_before and not args.decoder_normalize_before
     assert args.stop_min_lr == 1e-09 and args.warmup_init_lr == 1e-07
+
+
+def test_worddrop_without_any_rate_is_refused(data_dir):
+    with pytest.raises(B2TConfigError, match="drops nothing"):
+        parse(data_dir, "--arch", "transformer_b2t", "--sampling-method", "worddrop")

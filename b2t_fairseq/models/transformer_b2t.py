@@ -78,7 +78,8 @@ def _deep_wmt_preset(layers):
                 )
             setattr(args, f"{stack}_layers", layers)
         args.dropout = safe_getattr(args, "dropout", 0.5)
-        if safe_getattr(args, "sampling_method", None) is None:  # an explicit "none" switches word dropout off
+        # an explicit "none" switches word dropout off; "worddrop" without rates gets the preset's
+        if safe_getattr(args, "sampling_method", None) in (None, "worddrop"):
             args.sampling_method = "worddrop"
             args.enc_replace_rate = safe_getattr(args, "enc_replace_rate", 0.1)
             args.dec_replace_rate = safe_getattr(args, "dec_replace_rate", 0.1)
