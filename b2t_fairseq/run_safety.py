@@ -6,6 +6,7 @@ writes checkpoints. Installed when the plugin is imported; each piece is narrow 
 * fairseq copies its newest checkpoint to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy;
   killed during that copy, the file is left half-written. The copy now goes to a temporary name in the same
   directory and is renamed when complete.
+* ``--fp16`` / ``--bf16`` on a machine without a CUDA GPU is one line before fairseq's trainer fails on it.
 * A model of this plugin records its identity (the options that define what is trained: method, depths, init,
   word dropout, the methods' knobs). Loading a checkpoint whose identity differs (resuming a b2t save dir with
   ``--connection post-ln``, decoding with ``--model-overrides`` that change the method) is refused with the
@@ -141,10 +142,35 @@ def _atomic_copy(original):
     return copy
 
 
+# ------------------------------------------------------------------ precision flags without a GPU
+PRECISION_FLAGS = ("fp16", "memory_efficient_fp16", "bf16", "memory_efficient_bf16")
+
+
+def _checked_trainer_init(original):
+    def __init__(self, cfg, *args, **kwargs):
+        import torch
+
+        common = cfg.common
+        given = [f for f in PRECISION_FLAGS if getattr(common, f, False)]
+        if given and not torch.cuda.is_available() and not getattr(common, "tpu", False):
+            flag = "--" + given[0].replace("_", "-")
+            raise B2TConfigError(
+                f"{flag} needs a CUDA GPU, and torch sees none on this machine; drop {flag} to train in fp32 here"
+            )
+        original(self, cfg, *args, **kwargs)
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
 def install():
-    """Wrap fairseq's checkpoint loading and copying (idempotent)."""
+    """Wrap fairseq's checkpoint loading and copying, and the trainer's start (idempotent)."""
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
+    from fairseq.trainer import Trainer
+
+    if not hasattr(Trainer.__init__, "__wrapped__"):
+        Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
 
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
         checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)

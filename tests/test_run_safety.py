@@ -126,3 +126,13 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
     assert PathManager.copy(str(src), str(dst), overwrite=True)
     assert dst.read_bytes() == b"new" * 1000
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("flag", ["--fp16", "--bf16"])
+def test_half_precision_without_a_gpu_is_one_line(toy_corpus, tmp_path, flag):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the flags are valid here")
+    proc = _train(toy_corpus["data_bin"], tmp_path / "ckpt", "--max-update", 1, flag, check=False)
+    _one_line_error(proc, f"{flag} needs a CUDA GPU", f"drop {flag}")
