@@ -151,11 +151,19 @@ def _checked_trainer_init(original):
         import torch
 
         common = cfg.common
-        given = [f for f in PRECISION_FLAGS if getattr(common, f, False)]
-        if given and not torch.cuda.is_available() and not getattr(common, "tpu", False):
-            flag = "--" + given[0].replace("_", "-")
+        given = ["--" + f.replace("_", "-") for f in PRECISION_FLAGS if getattr(common, f, False)]
+        if getattr(common, "tpu", False):  # fairseq 0.12's --bf16 switches TPU mode on as well
+            import importlib.util
+
+            if importlib.util.find_spec("torch_xla") is None:
+                flag = next((f for f in given if "bf16" in f), "--tpu")
+                raise B2TConfigError(
+                    f"{flag} makes fairseq 0.12 train on a TPU (torch_xla), which this machine lacks; drop {flag}"
+                )
+        elif given and not torch.cuda.is_available():
             raise B2TConfigError(
-                f"{flag} needs a CUDA GPU, and torch sees none on this machine; drop {flag} to train in fp32 here"
+                f"{given[0]} needs a CUDA GPU, and torch sees none on this machine; drop {given[0]} to train in "
+                "fp32 here"
             )
         original(self, cfg, *args, **kwargs)
 
