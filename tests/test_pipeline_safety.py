@@ -97,3 +97,14 @@ def test_work_dir_of_other_inputs_is_refused(corpus, tmp_path):
                "--data", corpus, "--src", "src", "--tgt", "tgt", check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "holds a run made with another config" in proc.stderr and "use another --work-dir" in proc.stderr
+
+
+def test_test_line_longer_than_the_positions_is_named_before_training(corpus, tmp_path):
+    lines = (corpus / "test.src").read_text(encoding="utf-8").splitlines()
+    lines[4] = " ".join(["word"] * 40)
+    (corpus / "test.src").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pipeline.check_test_lengths(f"{corpus}/", "src", "tgt", {"max-source-positions": 64})
+    with pytest.raises(pipeline.PipelineError, match=r"test\.src, line 5: 41 tokens .* max-source-positions 32"):
+        pipeline.check_test_lengths(f"{corpus}/", "src", "tgt", {"max-source-positions": 32})
+    with pytest.raises(pipeline.PipelineError, match="max-source-positions 16"):  # `-- flags` win over the config
+        pipeline.check_test_lengths(f"{corpus}/", "src", "tgt", {}, ["--max-source-positions", "16"])

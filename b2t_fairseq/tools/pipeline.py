@@ -232,6 +232,32 @@ def score(work, generate_output, reference, remove_bpe):
     return json.loads(result.read_text())
 
 
+DEFAULT_MAX_POSITIONS = 1024  # fairseq's transformer default (DEFAULT_MAX_SOURCE_POSITIONS / _TARGET_)
+
+
+def check_test_lengths(prefix, src, tgt, train_options, extra=()):
+    """Every test sentence fits the model's positions: fairseq-generate would otherwise stop on the first one
+    that does not, with advice (--skip-invalid-size-inputs-valid-test) that drops it from the scored output."""
+    extra = [str(a) for a in extra]
+    for side, lang in (("source", src), ("target", tgt)):
+        key = f"max-{side}-positions"
+        limit = train_options.get(key, DEFAULT_MAX_POSITIONS)
+        for i, arg in enumerate(extra):  # "-- --max-source-positions N" overrides the config
+            if arg == f"--{key}" and i + 1 < len(extra):
+                limit = extra[i + 1]
+            elif arg.startswith(f"--{key}="):
+                limit = arg.split("=", 1)[1]
+        limit = int(limit)
+        path = f"{prefix}test.{lang}"
+        for number, line in enumerate(read_lines(path), start=1):
+            tokens = len(line.split()) + 1  # + end of sentence
+            if tokens > limit:
+                raise PipelineError(
+                    f"{path}, line {number}: {tokens} tokens (end of sentence included), more than the model's "
+                    f"{key} {limit}; split or remove that test line, or raise {key} in the config's train section"
+                )
+
+
 def record_work(work, facts):
     """``work``/pipeline.json: what the work dir was made from. A rerun with other inputs (config, corpus,
     languages, fairseq-train flags) would mix two runs in one directory, and is refused."""
@@ -268,6 +294,7 @@ def run_pipeline(config, work, data=None, src=None, tgt=None, extra=()):
         prefix, src, tgt = prepare_sentencepiece(work, raw_prefix, src, tgt, corpus["sentencepiece"])
         reference, remove_bpe = f"{raw_prefix}test.{tgt}", "sentencepiece"
     data_bin = preprocess(work, prefix, src, tgt)
+    check_test_lengths(prefix, src, tgt, config["train"], extra)
     save_dir = train(work, data_bin, config["train"], list(extra))
     checkpoint = average(save_dir, config.get("average_last_epochs", 5))
     generate_output = generate(work, data_bin, checkpoint, config.get("generate", {}))
