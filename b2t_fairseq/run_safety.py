@@ -171,14 +171,50 @@ def _checked_trainer_init(original):
     return __init__
 
 
+# ------------------------------------------------------------------ batches of a resumed run
+def _resume_batches_as_built(original):
+    """fairseq 0.12 builds the training batches once, when it first makes the epoch iterator, ordering the
+    examples under the seed ``seed + epoch`` of that moment, and reuses them every later epoch: an uninterrupted
+    run orders them with ``seed + 1``, a run resumed at epoch E with ``seed + E``. Equal-length sentences then
+    sit in another order inside a batch, so every row gets another dropout mask and the resumed run drifts from
+    the uninterrupted one. Here a resumed run orders them as the uninterrupted run did (``seed + 1``), wherever
+    fairseq would reuse the batches across epochs anyway; nothing changes for a run that starts at epoch 1."""
+
+    def get_train_iterator(self, epoch, *args, **kwargs):
+        from fairseq.data import data_utils
+
+        dataset_cfg, seed = self.cfg.dataset, self.cfg.common.seed
+        if epoch <= 1 or getattr(dataset_cfg, "update_ordered_indices_seed", False) or getattr(
+            dataset_cfg, "update_epoch_batch_itr", False
+        ) or kwargs.get("disable_iterator_cache", False):
+            return original(self, epoch, *args, **kwargs)
+        numpy_seed, task = data_utils.numpy_seed, self.task
+
+        def first_epoch_seed(value, *rest):
+            reusable = task.can_reuse_epoch_itr(task.dataset(dataset_cfg.train_subset))
+            return numpy_seed(seed + 1 if value == seed + epoch and reusable else value, *rest)
+
+        data_utils.numpy_seed = first_epoch_seed
+        try:
+            return original(self, epoch, *args, **kwargs)
+        finally:
+            data_utils.numpy_seed = numpy_seed
+
+    get_train_iterator.__wrapped__ = original
+    return get_train_iterator
+
+
 def install():
-    """Wrap fairseq's checkpoint loading and copying, and the trainer's start (idempotent)."""
+    """Wrap fairseq's checkpoint loading and copying, the trainer's start and its training batches of a
+    resumed run (idempotent)."""
     from fairseq import checkpoint_utils
     from fairseq.file_io import PathManager
     from fairseq.trainer import Trainer
 
     if not hasattr(Trainer.__init__, "__wrapped__"):
         Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
+    if not hasattr(Trainer.get_train_iterator, "__wrapped__"):
+        Trainer.get_train_iterator = _resume_batches_as_built(Trainer.get_train_iterator)
 
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
         checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)

@@ -53,11 +53,14 @@ def _train_until_killed(cmd_args, log_file, cwd, kill_after_epoch):
     pytest.fail(f"training never reached epoch {kill_after_epoch} (exit code {proc.poll()})")
 
 
-def test_killed_training_resumes_from_checkpoint_last(toy_corpus, tmp_path):
-    # dropout 0 makes the comparison exact; with dropout 0.1 the resumed epoch 3 loss differed by 0.002
-    # (fairseq reseeds dropout per update, so the residual difference is still unexplained; see the issue note)
-    common = ["--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM, "--max-epoch", 5,
-              "--dropout", 0]
+@pytest.mark.parametrize("arch", ["transformer_b2t", "transformer"])
+def test_killed_training_resumes_from_checkpoint_last(toy_corpus, tmp_path, arch):
+    """Killed after epoch 2, resumed: the same losses as an uninterrupted run, with dropout and word dropout on.
+    (fairseq 0.12 alone drifts here: a resumed run orders its batches under another seed; run_safety.py.)
+    Stock ``transformer`` with the plugin loaded gets the same."""
+    regularised = ["--dropout", 0.1] + (["--sampling-method", "worddrop", "--enc-replace-rate", 0.1,
+                                         "--dec-replace-rate", 0.1] if arch == "transformer_b2t" else [])  # fmt: skip
+    common = ["--user-dir", PLUGIN_DIR, "--arch", arch, *TINY_MODEL, *TINY_OPTIM, "--max-epoch", 5, *regularised]
     ref = run("fairseq-train", toy_corpus["data_bin"], *common, "--save-dir", tmp_path / "ref")
     expected = epoch_losses(ref.stdout)
     assert sorted(expected) == [1, 2, 3, 4, 5]
@@ -71,7 +74,7 @@ def test_killed_training_resumes_from_checkpoint_last(toy_corpus, tmp_path):
     assert min(got) >= 3, "resumed run redid epochs that were already saved"
     assert max(got) == 5
     for epoch in got:
-        assert got[epoch] == pytest.approx(expected[epoch], abs=2e-3), f"epoch {epoch} diverged after resume"
+        assert got[epoch] == expected[epoch], f"epoch {epoch} diverged after resume"  # as logged, 3 decimals
 
 
 def _free_port():
