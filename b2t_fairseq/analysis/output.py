@@ -2,13 +2,14 @@
 import csv
 from pathlib import Path
 
+from b2t_fairseq import atomic
 from b2t_fairseq.errors import B2TConfigError
 
 
 def write_csv(rows, path, fields):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -31,7 +32,8 @@ def save_png(fig, path):
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 

@@ -282,7 +282,8 @@ def average(save_dir, n):
         return output, inputs, load_checkpoint(output)
     print(f"averaging {len(inputs)} checkpoints: {', '.join(p.name for p in inputs)}", flush=True)
     state = average_checkpoints(inputs)
-    torch.save(state, output)
+    with atomic.atomic_path(output) as tmp:
+        torch.save(state, tmp)
     return output, inputs, state
 
 
@@ -390,7 +391,7 @@ def print_table(text, out=None):
     """Print a rendered table, and write it to ``out`` too when given."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text, encoding="utf-8")
+        atomic.write_text(out, text)
     print(text, end="")
 
 

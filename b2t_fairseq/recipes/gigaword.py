@@ -22,6 +22,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from b2t_fairseq import atomic
 from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
     average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
@@ -194,7 +195,7 @@ def prepare(data, out, test_article=None, test_title=None, scale=None, config_di
         print(f"raw splits: done ({raw})", flush=True)
     else:
         test = write_raw(plan, raw)
-        marker.write_text(json.dumps({**plan, "test_facts": test}, indent=2) + "\n")
+        atomic.write_text(marker, json.dumps({**plan, "test_facts": test}, indent=2) + "\n")
     if test["kind"] == "carved":
         # Loud on purpose: scores on a carved split must never pass for the standard test set.
         print(f"\n*** {PROG}: no test pair in {data}: test = {describe_test(test)}. ***\n", flush=True)
@@ -211,7 +212,7 @@ def prepare(data, out, test_article=None, test_title=None, scale=None, config_di
         "sentencepiece_settings": config["sentencepiece"],
         "reference": str(data_bin / REFERENCE),
     }
-    (data_bin / PREPARED).write_text(json.dumps(facts, indent=2) + "\n")
+    atomic.write_text(data_bin / PREPARED, json.dumps(facts, indent=2) + "\n")
     print(f"{data_bin}: {', '.join(f'{k} {v}' for k, v in facts['pairs'].items())} pairs; test = {describe_test(test)}")
     return facts
 
@@ -299,7 +300,7 @@ def score_generate_output(gen_out, reference, remove_bpe, hyp_out):
     if not raw:
         raise RecipeError(f"no H-<id> lines in {gen_out}")
     hyps = [scorer.postprocess(h, remove_bpe) for h in raw]
-    Path(hyp_out).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    atomic.write_text(hyp_out, "".join(h + "\n" for h in hyps))
     return rouge(hyps, scorer.read_lines(str(reference)))
 
 
@@ -357,7 +358,7 @@ def evaluate(save_dir, data_bin, out, ref=None, scale=None, average_last=None, c
         "averaged": [str(p) for p in inputs],
         "generate": ev["generate"],
     }
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
     print(
         f"{facts['method']} {facts['depth']}L: ROUGE-1 {scores['rouge1']:.2f}, ROUGE-2 {scores['rouge2']:.2f}, "
         f"ROUGE-L {scores['rougeL']:.2f} on {n_test} pairs -> {out}\ntest = {describe_test(test_split)}"

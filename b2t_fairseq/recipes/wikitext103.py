@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from b2t_fairseq import atomic
 from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, add_evaluate_parser, add_table_parser,
@@ -235,7 +236,7 @@ def evaluate(save_dir, data_bin, out, scale=None, average_last=None, cpu=None, c
         "averaged": [str(p) for p in inputs],
         "eval_settings": {"tool": "fairseq-eval-lm", **ev["eval_lm"], "cpu": cpu},
     }
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
     print(f"{facts['method']} {facts['depth']}L: valid {summary['valid_ppl']} / test {summary['test_ppl']} -> {out}")
     return summary
 

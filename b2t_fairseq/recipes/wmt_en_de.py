@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from b2t_fairseq import atomic
 from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
     average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
@@ -192,7 +193,7 @@ def prepare(out, release=None, archive=None, download=False, refs=None, fetch_re
     manifest = {"recipe": PROG, "release": str(release), "years": years, "valid": f"newstest{prep['valid_year']}",
                 "data_bin": str(data_bin), "refs": str(ref_dir),
                 "refs_from": str(refs) if refs is not None else "sacrebleu"}  # fmt: skip
-    (out / PREPARE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic.write_text(out / PREPARE_FILE, json.dumps(manifest, indent=2) + "\n")
     print(f"prepared {data_bin} (train, valid = newstest{prep['valid_year']}, "
           f"{', '.join(test_subsets)}) and raw references in {ref_dir}")  # fmt: skip
     return manifest
@@ -242,7 +243,7 @@ def generate(data_bin, checkpoint, subset, src, tgt, lenpen, flags, cpu, output)
     if cpu:
         cmd.append("--cpu")
     print("+", shlex.join(cmd), flush=True)
-    with open(output, "w", encoding="utf-8") as out:
+    with atomic.atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
         result = subprocess.run(cmd, stdout=out)
     if result.returncode != 0:
         raise RecipeError(f"fairseq-generate failed on subset {subset} with exit code {result.returncode}")
@@ -256,7 +257,7 @@ def score_file(generate_output, reference, ev, hyp_output):
     if not raw:
         raise RecipeError(f"no H-<id> lines in {generate_output}")
     hyps = [scorer.postprocess(h, ev["remove_bpe"], ev.get("detok_lang")) for h in raw]
-    Path(hyp_output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    atomic.write_text(hyp_output, "".join(h + "\n" for h in hyps))
     refs = scorer.read_lines(str(reference))
     return scorer.score(hyps, refs, ev.get("tokenize", "13a"))
 
@@ -324,7 +325,7 @@ def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_fil
         "averaged": [str(p) for p in inputs],
         "postprocess": {"remove_bpe": ev["remove_bpe"], "detok_lang": ev.get("detok_lang")},
     }
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
     print(f"{facts['method']} {facts['depth']}L: avg BLEU {summary['avg']:.2f} over {len(bleus)} year(s) -> {out}")
     return summary
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from b2t_fairseq import atomic
 from b2t_fairseq.checkpoint_compat import load_checkpoint
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.run_safety import damaged_checkpoint_error, describe_difference, identity
@@ -159,7 +160,8 @@ def cli_main(argv=None):
         print(f"averaging {len(paths)} checkpoints:", *map(str, paths), sep="\n  ", flush=True)
         state = average_checkpoints(paths)
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, args.output)
+        with atomic.atomic_path(args.output) as tmp:
+            torch.save(state, tmp)
     except (B2TConfigError, OSError) as e:
         parser.exit(1, f"b2t-average-checkpoints: error: {e}\n")
     print(f"wrote {args.output}")

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from sacrebleu.metrics import BLEU
 
+from b2t_fairseq import atomic
 from b2t_fairseq.errors import B2TConfigError
 
 REMOVE_BPE = ("none", "subword_nmt", "sentencepiece")
@@ -112,12 +113,9 @@ def cli_main(argv=None):
         hyps = [postprocess(h, args.remove_bpe, args.detok_lang) for h in raw_hyps]
         result = score(hyps, read_lines(args.ref), args.tokenize, args.lowercase)
         if args.output_hyp:
-            with open(args.output_hyp, "w", encoding="utf-8") as f:
-                f.writelines(h + "\n" for h in hyps)
+            atomic.write_text(args.output_hyp, "".join(h + "\n" for h in hyps))
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
+            atomic.write_text(args.json, json.dumps(result, indent=2) + "\n")
     except (B2TConfigError, OSError, UnicodeDecodeError) as e:
         parser.exit(1, f"b2t-score: error: {e}\n")
     print(f"{result['score_string']} | {result['signature']}")
