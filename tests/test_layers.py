@@ -506,3 +506,23 @@ def test_layerdrop(data_dir, connection):
     assert any(not torch.allclose(o, out) for o in outs)  # some call skipped a layer
     _, loss = _train_step(model, task, seed=1)
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------- --retain-dropout-modules (issue 10)
+@pytest.mark.parametrize("connection", ["post-ln", "dlcl"])
+def test_dropout_modules_carry_fairseqs_names(data_dir, connection):
+    """fairseq's --retain-dropout-modules (Monte-Carlo dropout) selects dropout modules by their owner's class
+    name: ours answer to stock fairseq's names, so the same flags work on both."""
+    from fairseq.modules import FairseqDropout
+
+    ours, _ = build(data_dir, nmt_argv(connection, 2))
+    stock, _ = build(data_dir, ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2", *DIMS])
+
+    def names(model):
+        return sorted(d.module_name for d in model.modules() if isinstance(d, FairseqDropout))
+
+    assert names(ours) == names(stock)
+    ours.eval()
+    ours.make_generation_fast_(retain_dropout=True, retain_dropout_modules=["TransformerDecoderLayerBase"])
+    retained = {d.module_name for d in ours.modules() if isinstance(d, FairseqDropout) and d.apply_during_inference}
+    assert retained == {"TransformerDecoderLayerBase"}

@@ -57,6 +57,8 @@ class B2TTransformerEncoder(_LayerCalls, TransformerEncoderBase):
         self.connection.attach_stack(self)
         self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "enc")
+        # fairseq's name, which --retain-dropout-modules (Monte-Carlo dropout) selects modules by
+        self.dropout_module.module_name = "TransformerEncoder"
 
     def build_encoder_layer(self, cfg):
         return _wrap_layer(ConnectedEncoderLayer(cfg, self.connection), cfg)
@@ -115,6 +117,7 @@ class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
         self.connection.attach_stack(self)
         self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "dec")
+        self.dropout_module.module_name = "TransformerDecoder"  # fairseq's, for --retain-dropout-modules
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         return _wrap_layer(ConnectedDecoderLayer(cfg, self.connection, no_encoder_attn=no_encoder_attn), cfg)

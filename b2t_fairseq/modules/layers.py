@@ -23,9 +23,11 @@ _UNSUPPORTED_DECODER_EXTRAS = {
 }
 
 
-def _attach_method(layer, connection, names):
-    """Give ``layer`` what its method adds (parameters) and takes away (layer norms)."""
+def _attach_method(layer, connection, names, fairseq_name):
+    """Give ``layer`` what its method adds (parameters) and takes away (layer norms), and fairseq's class name
+    to its dropout modules (what --retain-dropout-modules selects them by)."""
     layer.connection = connection
+    layer.dropout_module.module_name = layer.activation_dropout_module.module_name = fairseq_name
     if not connection.layer_norms:
         for name in names:
             setattr(layer, NORM_OF[name], None)
@@ -35,7 +37,7 @@ def _attach_method(layer, connection, names):
 class ConnectedEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg, connection):
         super().__init__(cfg)
-        _attach_method(self, connection, ("self_attn", "ffn"))
+        _attach_method(self, connection, ("self_attn", "ffn"), "TransformerEncoderLayerBase")
 
     def feed_forward(self, x):
         x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
@@ -76,7 +78,8 @@ class ConnectedDecoderLayer(TransformerDecoderLayerBase):
                 raise ValueError(f"{flag} is not supported by b2t_fairseq layers; drop it")
         if self.cross_self_attention:
             raise ValueError("--cross-self-attention is not supported by b2t_fairseq layers; drop it")
-        _attach_method(self, connection, ("self_attn", "ffn") if self.encoder_attn is None else SUBLAYERS)
+        names = ("self_attn", "ffn") if self.encoder_attn is None else SUBLAYERS
+        _attach_method(self, connection, names, "TransformerDecoderLayerBase")
 
     def feed_forward(self, x):
         x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
