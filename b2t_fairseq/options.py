@@ -90,6 +90,58 @@ def add_b2t_args(parser):
     gen_parser_from_dataclass(parser, B2TOptions(), delete_default=True, with_prefix="")
 
 
+# fairseq options of the same name defined by a task: translation_multi_simple_epoch's --sampling-method (how to
+# sample language pairs) is not our word-dropout switch. fairseq adds the model's options first, so that task's
+# add_args would fail on ours; it gets the flag instead, and such a run has no word dropout.
+_SHARED_NAMES = ("--sampling-method",)
+
+
+def _drop_shared_names(parser):
+    """Remove our options named in _SHARED_NAMES from ``parser`` (and its groups), for a task to add its own."""
+    for name in _SHARED_NAMES:
+        action = parser._option_string_actions.get(name)
+        if action is None:
+            continue
+        for container in (parser, *parser._action_groups):
+            container._option_string_actions.pop(name, None)
+            if action in getattr(container, "_group_actions", ()):
+                container._group_actions.remove(action)
+        if action in parser._actions:
+            parser._actions.remove(action)
+
+
+def _yield_shared_names(task_cls):
+    raw = task_cls.__dict__.get("add_args")
+    if raw is None or getattr(raw, "_b2t_yields", False):
+        return
+    function = raw.__func__
+    if isinstance(raw, staticmethod):
+
+        def add_args(parser):
+            _drop_shared_names(parser)
+            return function(parser)
+
+        wrapped = staticmethod(add_args)
+    else:
+
+        def add_args(cls, parser):
+            _drop_shared_names(parser)
+            return function(cls, parser)
+
+        wrapped = classmethod(add_args)
+    wrapped._b2t_yields = True
+    task_cls.add_args = wrapped
+
+
+def install_shared_name_handling():
+    """Called when the plugin is imported."""
+    try:
+        from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
+    except ImportError:  # pragma: no cover - a fairseq without that task
+        return
+    _yield_shared_names(TranslationMultiSimpleEpochTask)
+
+
 def as_namespace(args):
     """fairseq hands models a DictConfig when it loads a checkpoint; our code wants the CLI's Namespace."""
     if OmegaConf.is_config(args):
@@ -159,6 +211,9 @@ def resolve_options(args, stacks=("encoder", "decoder")):
         )
 
     sampling_method = safe_getattr(args, "sampling_method", None) or "none"
+    ours = sampling_method in ("none", "worddrop")  # else a task's own --sampling-method (see _SHARED_NAMES)
+    if not ours:
+        sampling_method = "none"
     rates = {}
     for name in ("enc_replace_rate", "dec_replace_rate"):
         rate = float(safe_getattr(args, name, None) or 0.0)
@@ -180,7 +235,8 @@ def resolve_options(args, stacks=("encoder", "decoder")):
         for knob, default in method.knobs.items():
             if safe_getattr(args, knob, None) is None:
                 setattr(args, knob, default)
-    args.sampling_method = sampling_method
+    if ours:
+        args.sampling_method = sampling_method
     args.enc_replace_rate = rates["enc_replace_rate"]
     args.dec_replace_rate = rates["dec_replace_rate"]
     args.decay_val = float(safe_getattr(args, "decay_val", None) or 0.0)

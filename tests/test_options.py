@@ -229,3 +229,16 @@ def test_authors_18l_command_line(data_dir):
 def test_worddrop_without_any_rate_is_refused(data_dir):
     with pytest.raises(B2TConfigError, match="drops nothing"):
         parse(data_dir, "--arch", "transformer_b2t", "--sampling-method", "worddrop")
+
+
+def test_multilingual_task_keeps_its_own_sampling_method(data_dir):
+    """translation_multi_simple_epoch has a --sampling-method of its own (language-pair sampling): the plugin
+    loads beside it, leaves the flag to the task, and trains without word dropout (issue 10)."""
+    from fairseq import tasks
+
+    argv = ["--arch", "transformer_b2t", "--lang-pairs", "src-tgt", "--source-lang", "src", "--target-lang", "tgt",
+            "--sampling-method", "temperature", "--sampling-temperature", "1.5", *TINY]  # fmt: skip
+    args = parse(data_dir, *argv, task="translation_multi_simple_epoch")
+    assert args.sampling_method == "temperature" and args.connection == "b2t"
+    model = tasks.setup_task(args).build_model(args)
+    assert model.encoder.word_dropout_p == 0.0 and model.decoder.word_dropout_p == 0.0
