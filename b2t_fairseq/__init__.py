@@ -2,7 +2,26 @@
 
 Importing this package (``--user-dir b2t_fairseq``) registers the models and architectures.
 """
+import os
+
 from b2t_fairseq import checkpoint_compat, errors, options, run_safety
+
+
+def _answer_to_fairseqs_spellings():
+    """fairseq's ``--user-dir b2t_fairseq`` (and hub ``from_pretrained(..., user_dir=...)``) looks for the
+    directory beside its own package and compares the unnormalised path (``.../fairseq/../b2t_fairseq``) with
+    the imported package's ``__path__``: once this package is imported, the same directory spelled that way was
+    "not globally unique". List those spellings of this very directory in ``__path__``."""
+    import fairseq
+
+    here = os.path.realpath(os.path.dirname(__file__))
+    base = os.path.dirname(fairseq.__file__)
+    for spelling in (os.path.join(base, "b2t_fairseq"), os.path.join(base, "..", "b2t_fairseq")):
+        if os.path.realpath(spelling) == here and spelling not in __path__:
+            __path__.append(spelling)
+
+
+_answer_to_fairseqs_spellings()
 
 checkpoint_compat.allow_fairseq_checkpoints()
 errors.install_excepthook()

@@ -177,3 +177,23 @@ def test_unknown_connection_is_an_argparse_error(toy_corpus, tmp_path):
     from b2t_fairseq.modules import CONNECTIONS
 
     assert all(f"'{name}'" in proc.stderr for name in CONNECTIONS)  # the valid ones are listed
+
+
+def test_hub_from_pretrained_with_user_dir_after_import(toy_corpus, tmp_path):
+    """fairseq's hub interface with user_dir="b2t_fairseq" once the package is imported (issue 10: fairseq
+    called the installed package "not globally unique"), decoding a sentence."""
+    import sys
+
+    run("fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL,
+        *TINY_OPTIM, "--max-update", 5, "--save-dir", tmp_path / "ckpt")  # fmt: skip
+    source = (toy_corpus["raw"] / "valid.src").read_text().splitlines()[0]
+    code = (
+        "from b2t_fairseq.models.transformer_b2t import TransformerB2TModel\n"
+        f"hub = TransformerB2TModel.from_pretrained({str(tmp_path / 'ckpt')!r}, checkpoint_file='checkpoint_last.pt',"
+        f" data_name_or_path={str(toy_corpus['data_bin'])!r}, user_dir='b2t_fairseq')\n"
+        f"print('HYP', hub.translate({source!r}, beam=2))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(line.startswith("HYP ") and len(line) > 4 for line in proc.stdout.splitlines())
