@@ -197,3 +197,19 @@ def test_hub_from_pretrained_with_user_dir_after_import(toy_corpus, tmp_path):
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(line.startswith("HYP ") and len(line) > 4 for line in proc.stdout.splitlines())
+
+
+def test_language_model_with_eos_break_mode_under_numpy2(toy_corpus, tmp_path):
+    """--sample-break-mode eos goes through fairseq's TokenBlockDataset, which names np.compat.long (gone in
+    numpy 2): training and fairseq-generate of a language model (issue 10)."""
+    run("fairseq-preprocess", "--only-source", "--trainpref", toy_corpus["raw"] / "train.tgt", "--validpref",
+        toy_corpus["raw"] / "valid.tgt", "--testpref", toy_corpus["raw"] / "test.tgt", "--destdir", tmp_path / "lm-bin")  # fmt: skip
+    run("fairseq-train", tmp_path / "lm-bin", "--user-dir", PLUGIN_DIR, "--task", "language_modeling", "--arch",
+        "transformer_lm_b2t", "--decoder-layers", 1, "--decoder-embed-dim", 16, "--decoder-ffn-embed-dim", 32,
+        "--decoder-attention-heads", 2, "--sample-break-mode", "eos", "--tokens-per-sample", 64, "--optimizer", "adam",
+        "--lr", "1e-3", "--max-tokens", 512, "--max-update", 3, "--cpu", "--num-workers", 0,
+        "--save-dir", tmp_path / "ckpt")  # fmt: skip
+    gen = run("fairseq-generate", tmp_path / "lm-bin", "--user-dir", PLUGIN_DIR, "--task", "language_modeling",
+              "--path", tmp_path / "ckpt" / "checkpoint_last.pt", "--sample-break-mode", "eos", "--gen-subset",
+              "valid", "--beam", 1, "--max-len-b", 5, "--batch-size", 16, "--cpu")  # fmt: skip
+    assert any(line.startswith("H-") for line in gen.stdout.splitlines())
