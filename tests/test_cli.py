@@ -213,3 +213,16 @@ def test_language_model_with_eos_break_mode_under_numpy2(toy_corpus, tmp_path):
               "--path", tmp_path / "ckpt" / "checkpoint_last.pt", "--sample-break-mode", "eos", "--gen-subset",
               "valid", "--beam", 1, "--max-len-b", 5, "--batch-size", 16, "--cpu")  # fmt: skip
     assert any(line.startswith("H-") for line in gen.stdout.splitlines())
+
+
+def test_checkpoint_of_an_eval_bleu_run_decodes_with_the_safe_loader(toy_corpus, tmp_path):
+    """--eval-bleu stores numpy values in the checkpoint; it still loads with weights_only=True (issue 10)."""
+    run("fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL,
+        *TINY_OPTIM, "--max-update", 4, "--save-dir", tmp_path / "ckpt", "--eval-bleu", "--eval-bleu-args",
+        '{"beam": 1, "max_len_b": 5}', "--eval-bleu-detok", "space", "--best-checkpoint-metric", "bleu",
+        "--maximize-best-checkpoint-metric")  # fmt: skip
+    gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path",
+              tmp_path / "ckpt" / "checkpoint_best.pt", "--gen-subset", "valid", "--beam", 2, "--batch-size", 50,
+              "--cpu")  # fmt: skip
+    assert "Weights only load failed" not in gen.stderr
+    assert any(line.startswith("H-") for line in gen.stdout.splitlines())
