@@ -36,3 +36,51 @@ def load_checkpoint(path):
     allow_fairseq_checkpoints()
     with open(path, "rb") as f:
         return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def adopt_authors_checkpoint(state, path):
+    """The authors' released checkpoints (their fairseq 0.9 fork, e.g. ``b2t_layer18_ave10.pt``) name a stock
+    architecture (``transformer_wmt_en_de``) with ``--residual-bottom-to-top``; stock fairseq would build a plain
+    Post-LN model from them and translate wrongly without a word. Loaded with the plugin, such a checkpoint's
+    config is turned into ours: the same architecture's ``transformer_b2t`` mirror, ``--connection b2t``, no init
+    rule (the weights are trained). The weights' names are fairseq's in both. Returns True when it adopted one."""
+    import logging
+
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.utils import safe_getattr
+
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model = cfg.get("model") if cfg is not None else None
+    if model is None or not safe_getattr(model, "residual_bottom_to_top", False):
+        return False
+    arch = str(safe_getattr(model, "arch", "") or "")
+    if arch.startswith("transformer_b2t") or arch.startswith("transformer_lm_b2t"):
+        return False
+    ours = "transformer_b2t" + arch[len("transformer"):] if arch.startswith("transformer") else None
+    if ours not in ARCH_MODEL_REGISTRY:
+        from b2t_fairseq.errors import B2TConfigError
+
+        raise B2TConfigError(
+            f"{path} is a B2T checkpoint of architecture {arch!r}, which has no transformer_b2t mirror here; "
+            "load it with --arch transformer_b2t and its dimensions"
+        )
+    from omegaconf import DictConfig, open_dict
+
+    settings = {"arch": ours, "connection": "b2t", "init_scaling": "none"}
+    if safe_getattr(model, "_name", None) is not None:
+        settings["_name"] = ours
+    if isinstance(model, DictConfig):
+        with open_dict(model):
+            for key, value in settings.items():
+                model[key] = value
+    else:
+        for key, value in settings.items():
+            setattr(model, key, value)
+    if state.get("args") is not None:  # fairseq builds from the legacy args when a checkpoint still has them
+        for key, value in settings.items():
+            setattr(state["args"], key, value)
+    logging.getLogger(__name__).info(
+        f"{path}: the authors' B2T checkpoint (--arch {arch} --residual-bottom-to-top), loaded as --arch {ours} "
+        "--connection b2t"
+    )
+    return True

@@ -108,6 +108,9 @@ def _guarded_loader(original):
             if not os.path.isfile(local) or "Unsupported global" in str(exc):
                 raise  # a missing file, or a class the safe unpickler refuses: fairseq's / torch's message
             raise damaged_checkpoint_error(local, exc) from None
+        from b2t_fairseq.checkpoint_compat import adopt_authors_checkpoint
+
+        adopt_authors_checkpoint(state, str(path))
         model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
         if model_cfg is not None and isinstance(state.get("model"), dict):
             try:

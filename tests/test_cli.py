@@ -226,3 +226,36 @@ def test_checkpoint_of_an_eval_bleu_run_decodes_with_the_safe_loader(toy_corpus,
               "--cpu")  # fmt: skip
     assert "Weights only load failed" not in gen.stderr
     assert any(line.startswith("H-") for line in gen.stdout.splitlines())
+
+
+def test_authors_checkpoint_format_is_loaded_as_b2t(toy_corpus, tmp_path):
+    """A checkpoint as the authors' fairseq 0.9 fork writes it (flat `args`, --arch transformer
+    --residual-bottom-to-top, 0.9 option names, none of our options) decodes exactly as the same weights in our
+    own checkpoint; stock fairseq would build a Post-LN model from it (issue 10)."""
+    import argparse
+
+    import torch
+
+    from b2t_fairseq.checkpoint_compat import load_checkpoint
+
+    run("fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL,
+        *TINY_OPTIM, "--max-update", 30, "--save-dir", tmp_path / "ckpt")  # fmt: skip
+    ours = load_checkpoint(tmp_path / "ckpt" / "checkpoint_last.pt")
+    args = vars(ours["cfg"]["model"]).copy()
+    for name in ("connection", "init_scaling", "admin_output_change", "resi_dual_alpha", "allow_changed_identity",
+                 "log_layer_grad_norms", "_name"):  # fmt: skip
+        args.pop(name, None)
+    args.update(arch="transformer", residual_bottom_to_top=True, min_lr=args.pop("stop_min_lr", -1.0))
+    authors = {"args": argparse.Namespace(**args), "model": ours["model"],
+               "optimizer_history": ours["optimizer_history"], "extra_state": ours["extra_state"],
+               "last_optimizer_state": None}  # fmt: skip
+    torch.save(authors, tmp_path / "authors.pt")
+
+    def hypotheses(path):
+        gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path", path,
+                  "--gen-subset", "valid", "--beam", 2, "--batch-size", 50, "--cpu")  # fmt: skip
+        return gen, sorted(line for line in gen.stdout.splitlines() if line.startswith(("H-", "D-")))
+
+    gen, theirs = hypotheses(tmp_path / "authors.pt")
+    assert "the authors' B2T checkpoint" in gen.stdout + gen.stderr
+    assert theirs and theirs == hypotheses(tmp_path / "ckpt" / "checkpoint_last.pt")[1]
