@@ -15,6 +15,7 @@ writes checkpoints. Installed when the plugin is imported; each piece is narrow 
 import logging
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -105,8 +106,8 @@ def _guarded_loader(original):
             state = original(path, None, load_on_all_ranks)
         except _READ_ERRORS as exc:
             local = str(path)
-            if not os.path.isfile(local) or "Unsupported global" in str(exc):
-                raise  # a missing file, or a class the safe unpickler refuses: fairseq's / torch's message
+            if not os.path.isfile(local) or zipfile.is_zipfile(local):
+                raise  # missing, or a whole archive that failed for another reason: fairseq's / torch's message
             raise damaged_checkpoint_error(local, exc) from None
         from b2t_fairseq.checkpoint_compat import adopt_authors_checkpoint
 
@@ -135,8 +136,6 @@ def _atomic_copy(original):
         if os.path.exists(dst_path) and not overwrite:
             return original(src_path, dst_path, overwrite)
         tmp = f"{dst_path}.tmp-copy"
-        import shutil
-
         shutil.copyfile(src_path, tmp)
         os.replace(tmp, dst_path)
         return True

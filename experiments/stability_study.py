@@ -39,6 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from b2t_fairseq import atomic  # noqa: E402
 from b2t_fairseq.analysis import loss_curves  # noqa: E402
 from b2t_fairseq.modules.connections import CONNECTIONS  # noqa: E402
 from b2t_fairseq.recipes.common import method_train_options  # noqa: E402
@@ -151,7 +152,7 @@ def train_one(work, data_bin, reference, method, seed, config, runner):
         score = pipeline.score(run, generated, reference, "sentencepiece")
         result.update(bleu=score["bleu"], bleu_n=score["n"], signature=score["signature"], checkpoint=str(checkpoint))
     result["device"] = "gpu" if runner.gpu else "cpu"
-    _write_atomic(done, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(done, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -166,12 +167,6 @@ def _start_log(run):
             n += 1
         os.replace(log, run / f"train.log.abandoned{n}")
     return log
-
-
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def stage_train(work, methods, seeds, runner):
@@ -203,7 +198,7 @@ def deep_one(work, data_bin, method, config, runner):
               "all_finite": bool(losses) and all(map(_finite, losses)),
               "valid": valid_pts, "train_minutes": round((datetime.datetime.now() - started).total_seconds() / 60, 1),
               "log": str(run / "train.log")}  # fmt: skip
-    _write_atomic(done, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(done, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -351,8 +346,8 @@ def stage_report(work, methods, seeds, docs=DOCS):
         "deep100": [{k: v for k, v in r.items() if k != "log"} for r in deep],
         "grad_norm_ratios": grad_ratio_table(produced),
     }
-    _write_atomic(docs / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(docs / "tables.md", render_tables(results))
+    atomic.write_text(docs / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic.write_text(docs / "tables.md", render_tables(results))
     print(render_tables(results))
     return results
 

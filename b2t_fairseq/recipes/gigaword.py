@@ -283,12 +283,15 @@ def rouge(hyps, refs):
 def generate(data_bin, pair, checkpoint, flags, cpu, work):
     """fairseq-generate the test subset into WORK/generate-test.txt."""
     src, tgt = pair
-    cmd = ["fairseq-generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint, "--gen-subset", "test",
-           "--source-lang", src, "--target-lang", tgt, "--results-path", work, *as_flags(flags)]  # fmt: skip
-    if cpu:
-        cmd.append("--cpu")
-    run_fairseq(cmd)
-    return work / "generate-test.txt"
+    output = work / "generate-test.txt"
+    with atomic.atomic_path(work / "generate") as scratch:  # a directory: fairseq names the file in it
+        cmd = ["fairseq-generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint, "--gen-subset", "test",
+               "--source-lang", src, "--target-lang", tgt, "--results-path", scratch, *as_flags(flags)]  # fmt: skip
+        if cpu:
+            cmd.append("--cpu")
+        run_fairseq(cmd)
+        os.replace(scratch / "generate-test.txt", output)
+    return output
 
 
 def score_generate_output(gen_out, reference, remove_bpe, hyp_out):

@@ -199,7 +199,7 @@ def eval_lm(data_bin, checkpoint, subset, flags, cpu, log):
 
     argv = eval_lm_argv(data_bin, checkpoint, subset, flags, cpu)
     print("+ fairseq-eval-lm", shlex.join(argv), flush=True)  # = python -m fairseq_cli.eval_lm ARGV
-    with fairseq_errors("fairseq-eval-lm"), _log_to(log):
+    with fairseq_errors("fairseq-eval-lm"), atomic.atomic_path(log) as tmp, _log_to(tmp):
         args = options.parse_args_and_arch(options.get_eval_lm_parser(), argv)
         fairseq_eval_lm.main(convert_namespace_to_omegaconf(args))
     tokens, loss, ppl = parse_eval_lm_output(Path(log).read_text(encoding="utf-8"), str(log))

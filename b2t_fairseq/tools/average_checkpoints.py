@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,8 +26,8 @@ def _load(path):
     try:
         state = load_checkpoint(path)
     except Exception as e:  # a truncated or foreign file fails deep inside the unpickler
-        if "Unsupported global" in str(e):
-            first_line = str(e).strip().splitlines()[0]
+        if zipfile.is_zipfile(path):  # a whole archive: say what torch said (e.g. a class it refuses)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise B2TConfigError(f"cannot load checkpoint {path}: {first_line}") from None
         raise damaged_checkpoint_error(str(path), e) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):

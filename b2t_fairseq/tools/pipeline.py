@@ -211,13 +211,14 @@ def average(save_dir, last):
 
 def generate(work, data_bin, checkpoint, options, cpu=True):
     output = work / "generate-test.txt"
-    _run(
-        _python_m(
-            "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint,
-            "--gen-subset", "test", *(["--cpu"] if cpu else []), *as_flags(options),
-        ),  # fmt: skip
-        log=output,
-    )
+    with atomic.atomic_path(output) as tmp:
+        _run(
+            _python_m(
+                "fairseq_cli.generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint,
+                "--gen-subset", "test", *(["--cpu"] if cpu else []), *as_flags(options),
+            ),  # fmt: skip
+            log=tmp,
+        )
     return output
 
 
