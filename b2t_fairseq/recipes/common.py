@@ -38,7 +38,7 @@ RESERVED_EXTRA = {
     "-a": "--depth (or the depth's config file)",
     "--update-freq": "--gpus (update-freq is derived from it)",
     "--max-tokens": "--max-tokens of this recipe",
-    "--distributed-world-size": "--gpus",
+    "--distributed-world-size": "--gpus and --nodes",
     "--save-dir": "--save-dir of this recipe",
     "--user-dir": "nothing (the recipe sets it)",
 }
@@ -106,8 +106,8 @@ def update_freq(tokens_per_update, max_tokens, workers):
         options = [f"update-freq {f} would give {f * per_step:,}" for f in (lo, lo + 1) if f > 0]
         raise RecipeError(
             f"{tokens_per_update:,} tokens per update is not a multiple of {workers} worker(s) x {max_tokens} "
-            f"max-tokens = {per_step:,} ({'; '.join(options)} tokens per update); use a GPU count or --max-tokens "
-            f"that divides {tokens_per_update:,}"
+            f"max-tokens = {per_step:,} ({'; '.join(options)} tokens per update); use a worker count (--gpus x "
+            f"--nodes) or --max-tokens that divides {tokens_per_update:,}"
         )
     return tokens_per_update // per_step
 
@@ -121,9 +121,10 @@ def check_extra(extra, reserved=RESERVED_EXTRA):
 
 
 def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                  reserved=RESERVED_EXTRA):  # fmt: skip
+                  reserved=RESERVED_EXTRA, nodes=1):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json) of one row of ``recipe``; ``load(depth, scale)`` gives its merged
-    config. Pure: touches no file but the configs."""
+    config. ``gpus`` per node on ``nodes`` nodes (0: one CPU worker per node). Pure: touches no file but the
+    configs."""
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if int(depth) not in depths:
@@ -137,6 +138,8 @@ def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir,
         gpus = 0
     if gpus < 0:
         raise RecipeError(f"--gpus must be >= 0, not {gpus}")
+    if nodes < 1:
+        raise RecipeError(f"--nodes must be >= 1, not {nodes}")
     if scale is not None and gpus > 0:
         raise RecipeError(f"--scale {scale} runs on the CPU; drop --gpus")
     extra = list(extra)
@@ -150,19 +153,18 @@ def train_command(recipe, depths, load, method, depth, gpus, data_bin, save_dir,
     for key in DERIVED:
         if key in train:
             raise RecipeError(f"the config sets '{key}', which the recipe derives itself; remove it from the config")
-    workers = max(gpus, 1)
+    workers = max(gpus, 1) * nodes
     freq = update_freq(int(config["tokens_per_update"]), int(train["max-tokens"]), workers)
     cmd = ["fairseq-train", str(data_bin), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir),
            "--connection", method, *as_flags(train), "--update-freq", str(freq)]  # fmt: skip
-    if gpus > 0:
-        cmd += as_flags(config.get("gpu_train", {}))
-        if gpus > 1:
-            cmd += ["--distributed-world-size", str(gpus)]
-    else:
-        cmd.append("--cpu")
+    cmd += as_flags(config.get("gpu_train", {})) if gpus > 0 else ["--cpu"]
+    if workers > 1:
+        cmd += ["--distributed-world-size", str(workers)]
+        if gpus == 0:  # CPU workers on several nodes: gloo, and fairseq's DDP wrapper that takes no device ids
+            cmd += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     cmd += extra
     info = {
-        "recipe": recipe, "method": method, "depth": int(depth), "scale": scale, "gpus": gpus,
+        "recipe": recipe, "method": method, "depth": int(depth), "scale": scale, "gpus": gpus, "nodes": nodes,
         "max_tokens": int(train["max-tokens"]), "update_freq": freq,
         "tokens_per_update": workers * int(train["max-tokens"]) * freq, "extra": extra, "command": shlex.join(cmd),
     }  # fmt: skip
@@ -211,6 +213,59 @@ def write_recipe_facts(save_dir, info):
                 "flags, or use another --save-dir"
             )
     atomic.write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ many nodes
+LAUNCH_FILE, SBATCH_FILE = "launch.sh", "train.sbatch"
+
+
+def launch_script(cmd, info, python=None):
+    """The per-node script of a multi-node row: torchrun starts one fairseq-train worker per GPU (one per node on
+    the CPU); rendezvous at node 0 (MASTER_ADDR/MASTER_PORT), taken from SLURM when it runs the script."""
+    nodes, per_node = info["nodes"], max(info["gpus"], 1)
+    python = shlex.quote(python or sys.executable)
+    return f"""#!/usr/bin/env bash
+# {info["recipe"]} {info["method"]} {info["depth"]}L: {nodes} nodes x {per_node} worker(s), \
+{info["tokens_per_update"]:,} tokens per update.
+# Run it once on every node; the save dir (and the data-bin) must be on a file system all nodes share:
+#   NODE_RANK=<0..{nodes - 1}> MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] bash {LAUNCH_FILE}
+# or submit {SBATCH_FILE}, which runs it on each node of a SLURM allocation. Rerunning resumes from checkpoint_last.pt.
+set -euo pipefail
+NODE_RANK=${{NODE_RANK:-${{SLURM_NODEID:?set NODE_RANK to the number of this node, 0..{nodes - 1}}}}}
+if [ -z "${{MASTER_ADDR:-}}" ]; then
+    if [ -z "${{SLURM_JOB_NODELIST:-}}" ]; then echo "{LAUNCH_FILE}: set MASTER_ADDR to node 0's address" >&2; exit 2; fi
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+fi
+exec "${{PYTHON:-{python}}}" -m torch.distributed.run --nnodes {nodes} --nproc-per-node {per_node} \\
+    --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${{MASTER_PORT:-29500}}" \\
+    -m fairseq_cli.train {shlex.join(cmd[1:])}
+"""
+
+
+def sbatch_script(info, save_dir):
+    gpus = f"#SBATCH --gpus-per-node={info['gpus']}\n" if info["gpus"] else ""
+    save_dir = Path(save_dir).resolve()
+    return f"""#!/usr/bin/env bash
+#SBATCH --job-name=b2t-{info["recipe"]}-{info["method"]}-{info["depth"]}l
+#SBATCH --nodes={info["nodes"]}
+#SBATCH --ntasks-per-node=1
+{gpus}#SBATCH --output={save_dir}/slurm-%j.out
+# one task per node runs {LAUNCH_FILE}, which starts that node's workers with torchrun
+srun bash {shlex.quote(str(save_dir / LAUNCH_FILE))}
+"""
+
+
+def write_launch_scripts(save_dir, cmd, info):
+    """A multi-node row is not trained by this process: write SAVE_DIR/launch.sh and train.sbatch and say how to
+    start them."""
+    save_dir = Path(save_dir)
+    launch = save_dir / LAUNCH_FILE
+    atomic.write_text(launch, launch_script(cmd, info))
+    atomic.write_text(save_dir / SBATCH_FILE, sbatch_script(info, save_dir))
+    print(f"{info['nodes']} nodes: wrote {launch} and {save_dir / SBATCH_FILE}. Start every node with\n"
+          f"  NODE_RANK=<0..{info['nodes'] - 1}> MASTER_ADDR=<node 0's address> bash {launch}\n"
+          f"or submit the job with: sbatch {save_dir / SBATCH_FILE}", flush=True)  # fmt: skip
+    return 0
 
 
 # ------------------------------------------------------------------ data
@@ -412,8 +467,11 @@ def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_ma
     p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--depth", required=True, type=int, choices=depths, help=depth_help)
-    p.add_argument("--gpus", type=int, help="GPUs on this node (0: the CPU); update-freq is derived from it. Required "
+    p.add_argument("--gpus", type=int, help="GPUs per node (0: the CPU); update-freq is derived from it. Required "
                    "at full scale; --scale runs on the CPU")  # fmt: skip
+    p.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1): more than one writes a "
+                   "per-node torchrun script and an sbatch file into --save-dir instead of training; the tokens per "
+                   "update stay those of the config")  # fmt: skip
     p.add_argument("--data-bin", required=True, type=Path)
     p.add_argument("--save-dir", required=True, type=Path)
     p.add_argument("--scale", choices=("smoke",), help=scale_help)
@@ -426,9 +484,9 @@ def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_ma
 
 def _train(build, run, args, extra):
     cmd, info = build(args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra,
-                      args.max_tokens, args.config_dir)  # fmt: skip
+                      args.max_tokens, args.config_dir, nodes=args.nodes)  # fmt: skip
     if args.dry_run:
-        print(info["command"])
+        print(launch_script(cmd, info) if args.nodes > 1 else info["command"], end="\n" * (args.nodes == 1))
         return 0
     return run(args, cmd, info)
 

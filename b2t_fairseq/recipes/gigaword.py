@@ -27,7 +27,7 @@ from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
     average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
     load_results as _load_results, print_table, recipe_parser, result_row, run_cli, run_fairseq, subset_pairs,
-    train_command, work_dir, write_recipe_facts,
+    train_command, work_dir, write_launch_scripts, write_recipe_facts,
 )  # fmt: skip
 from b2t_fairseq.tools import pipeline
 from b2t_fairseq.tools.pipeline import as_flags
@@ -224,10 +224,11 @@ def cmd_prepare(args, extra):
 
 # ------------------------------------------------------------------ train
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                        config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
+                        config_dir=DEFAULT_CONFIG_DIR, nodes=1):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
     load = functools.partial(load_config, config_dir)
-    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens)
+    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
+                         nodes=nodes)
 
 
 def read_prepared(data_bin):
@@ -240,6 +241,8 @@ def run_train(args, cmd, info):
     prepared = read_prepared(args.data_bin)
     info["test_split"] = prepared["test"] if prepared else None
     write_recipe_facts(args.save_dir, info)
+    if info["nodes"] > 1:
+        return write_launch_scripts(args.save_dir, cmd, info)
     run_fairseq(cmd)
     return 0
 

@@ -34,7 +34,7 @@ from b2t_fairseq.recipes.common import (
     METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, add_evaluate_parser, add_table_parser,
     add_train_parser, average_run, by_row, default_config_dir, default_cpu, fairseq_errors,
     load_config as _load_config, load_results as _load_results, print_table, recipe_parser, result_row, run_cli,
-    run_fairseq, train_command, work_dir, write_recipe_facts,
+    run_fairseq, train_command, work_dir, write_launch_scripts, write_recipe_facts,
 )  # fmt: skip
 from b2t_fairseq.tools.pipeline import as_flags
 
@@ -118,7 +118,7 @@ def _load_train_config(config_dir, depth, scale):
 
 
 def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                        config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
+                        config_dir=DEFAULT_CONFIG_DIR, nodes=1):  # fmt: skip
     """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
     if method in CONNECTIONS and not CONNECTIONS[method].decoder_only:
         raise RecipeError(
@@ -127,12 +127,14 @@ def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, ext
         )
     load = functools.partial(_load_train_config, config_dir)
     return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
-                         reserved=RESERVED)  # fmt: skip
+                         reserved=RESERVED, nodes=nodes)  # fmt: skip
 
 
 def run_train(args, cmd, info):
     check_data_bin(args.data_bin, ("train", "valid"))
     write_recipe_facts(args.save_dir, info)
+    if info["nodes"] > 1:
+        return write_launch_scripts(args.save_dir, cmd, info)
     run_fairseq(cmd)
     return 0
 

@@ -1,0 +1,87 @@
+"""Training on several nodes from the recipes (issue 10): ``train --nodes N`` keeps the config's tokens per update
+and writes a per-node torchrun script and an sbatch file; two CPU "nodes" of one worker each, on the loopback
+interface, train exactly as one process with the same total batch."""
+import os
+import socket
+import stat
+import subprocess
+
+import pytest
+import torch
+
+from conftest import cli_env, train_flags
+from b2t_fairseq.recipes.common import LAUNCH_FILE, SBATCH_FILE
+from b2t_fairseq.recipes.wmt_en_de import build_train_command, main as wmt_main
+
+
+def test_nodes_multiply_the_workers_and_keep_the_token_budget():
+    one, info_one = build_train_command("b2t", 18, 8, "data", "ckpt")
+    two, info_two = build_train_command("b2t", 18, 8, "data", "ckpt", nodes=2)
+    sixteen, _ = build_train_command("b2t", 18, 16, "data", "ckpt")
+    assert info_one["tokens_per_update"] == info_two["tokens_per_update"] == 3584 * 128
+    assert train_flags(two)["--update-freq"] == "8" and train_flags(one)["--update-freq"] == "16"
+    assert train_flags(two)["--distributed-world-size"] == "16"
+    assert two == sixteen  # the fairseq-train flags of 2 x 8 GPUs are those of 16 GPUs; only the launch differs
+    cpu = train_flags(build_train_command("b2t", 6, 0, "data", "ckpt", scale="smoke", nodes=2)[0])
+    assert (cpu["--distributed-world-size"], cpu["--distributed-backend"], cpu["--ddp-backend"]) == ("2", "gloo",
+                                                                                                     "legacy_ddp")
+    with pytest.raises(Exception, match="--nodes must be >= 1"):
+        build_train_command("b2t", 6, 1, "data", "ckpt", nodes=0)
+
+
+def test_launch_files_for_a_slurm_allocation(toy_corpus, tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    assert wmt_main(["train", "--method", "b2t", "--depth", "18", "--gpus", "4", "--nodes", "4",
+                     "--data-bin", str(toy_corpus["data_bin"]), "--save-dir", str(save)]) == 0  # fmt: skip
+    launch, sbatch = (save / LAUNCH_FILE).read_text(), (save / SBATCH_FILE).read_text()
+    assert "--nnodes 4 --nproc-per-node 4" in launch and "--distributed-world-size 16" in launch
+    assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --gpus-per-node=4" in sbatch
+    assert f"srun bash {save.resolve() / LAUNCH_FILE}" in sbatch
+    assert not list(save.glob("checkpoint*.pt"))  # nothing was trained by the recipe process itself
+    assert "bash " + str(save / LAUNCH_FILE) in capsys.readouterr().out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_nodes_train_as_one_process_with_the_same_batch(toy_corpus, tmp_path):
+    """Node 0 started by hand (NODE_RANK, MASTER_ADDR), node 1 as SLURM starts it (SLURM_NODEID, the node list
+    resolved by scontrol: a stand-in here that names the loopback address)."""
+    extra = ["--", "--dropout", "0", "--max-update", "6", "--log-format", "json"]
+    base = ["train", "--method", "b2t", "--depth", "6", "--scale", "smoke", "--data-bin", str(toy_corpus["data_bin"])]
+    assert wmt_main([*base, "--save-dir", str(tmp_path / "one"), *extra]) == 0
+    assert wmt_main([*base, "--nodes", "2", "--save-dir", str(tmp_path / "two"), *extra]) == 0
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[7-8]" ] && printf "127.0.0.1\\nnode8\\n"\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    port = str(_free_port())
+    nodes = [
+        dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        dict(SLURM_NODEID="1", SLURM_JOB_NODELIST="node[7-8]", MASTER_PORT=port,
+             PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}"),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(["bash", str(tmp_path / "two" / LAUNCH_FILE)], cwd=tmp_path, env=cli_env(**env),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for env in nodes
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "distributed init (rank 1)" in outs[1]
+
+    from b2t_fairseq.checkpoint_compat import load_checkpoint
+
+    one = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")
+    assert one["optimizer_history"][-1]["num_updates"] == two["optimizer_history"][-1]["num_updates"] == 6
+    assert one["model"].keys() == two["model"].keys()
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
