@@ -15,7 +15,7 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # fairseq's remaining dependencies, then ours (setup.py), then test/plot tools. admin-torch is a test-only
 # numerical reference for --connection admin (its only requirement, torch, is already satisfied).
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
-          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 matplotlib pytest admin-torch==0.1.0
+          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 tensorboardX matplotlib pytest admin-torch==0.1.0
 # Test-only numerical reference for --connection deepnorm and sub-ln, without its dependencies: it requires
 # timm (which pulls torchvision and with it another torch) and fairscale, used only for drop path, activation
 # checkpointing and FSDP, none of which the compared layers use (tests/test_methods.py stands in for them).

@@ -9,6 +9,9 @@ Pins, and why:
 - sacrebleu>=2.0: our scorer uses the 2.x object API (BLEU().corpus_score, get_signature).
 - rouge-score==0.1.2: the Gigaword recipe's ROUGE; pinned because its tokenizer and stemmer define the numbers
   in our tables (0.1.2 has been the release for years).
+- tensorboardX (unpinned): fairseq's --tensorboard-logdir writes through torch.utils.tensorboard, which needs the
+  full tensorboard package, or else tensorboardX; without either fairseq only warns and logs nothing. tensorboardX
+  is the small one (protobuf is its only other requirement).
 """
 from setuptools import find_packages, setup
 
@@ -27,6 +30,7 @@ setup(
         "sentencepiece",
         "sacremoses",
         "rouge-score==0.1.2",
+        "tensorboardX",
     ],
     extras_require={"test": ["pytest"], "plots": ["matplotlib"]},
     entry_points={

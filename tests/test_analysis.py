@@ -8,6 +8,7 @@ by a plain string split.
 import csv
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +187,8 @@ def trained(tmp_path_factory):
     from b2t_fairseq import toy_data
 
     root = tmp_path_factory.mktemp("trained")
+    (root / "fake-wandb").mkdir()
+    (root / "fake-wandb" / "wandb.py").write_text(FAKE_WANDB)
     toy_data.write_corpus(root / "raw", n_train=200, n_valid=40, n_test=1, seed=3)
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(root / "raw" / "train"),
@@ -195,13 +198,69 @@ def trained(tmp_path_factory):
         "fairseq-train", root / "data-bin", "--user-dir", REPO / "b2t_fairseq", "--arch", "transformer_b2t",
         *TINY_MODEL, *TINY_OPTIM, "--max-tokens", 500, "--log-interval", 3, "--max-update", 9,
         "--log-layer-grad-norms", 3, "--save-dir", root / "ckpt", "--no-epoch-checkpoints",
-        "--log-file", root / "file.log",
+        "--log-file", root / "file.log", "--tensorboard-logdir", root / "tb", "--wandb-project", "b2t-test",
+        env={"PYTHONPATH": root / "fake-wandb", "FAKE_WANDB_LOG": root / "wandb.jsonl"},
     )  # fmt: skip
     (root / "stdout.log").write_text(proc.stdout)
     return {
+        "tensorboard": root / "tb", "wandb": root / "wandb.jsonl",
         "stdout": root / "stdout.log", "file": root / "file.log", "checkpoint": root / "ckpt" / "checkpoint_last.pt",
         "data_bin": root / "data-bin", "raw": root / "raw",
     }  # fmt: skip
+
+
+# What fairseq's WandBProgressBarWrapper calls, recorded; a value wandb's run history cannot hold is refused.
+# (The real client is 20 MB with a background service and wants an account or offline files; fairseq's wrapper
+# code, which is what our metrics meet, runs unchanged.)
+FAKE_WANDB = """
+import json, numbers, os
+
+_log = open(os.environ["FAKE_WANDB_LOG"], "a")
+
+
+def _write(record):
+    _log.write(json.dumps(record) + "\\n")
+    _log.flush()
+
+
+class _Config:
+    def update(self, values):
+        _write({"config": json.loads(json.dumps(values, default=str))})
+
+
+config = _Config()
+
+
+def init(project=None, reinit=False, name=None):
+    _write({"init": project})
+
+
+def log(values, step=None):
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"wandb.log: {key} is a {type(value).__name__}, not a number")
+    _write({"step": step, "values": values})
+"""
+
+
+def tensorboard_scalars(logdir):
+    """{tag: [(step, value)]} of the tensorboard event files under ``logdir``, read record by record (TFRecord
+    framing: length, its crc, the Event proto, its crc) with tensorboardX's proto classes."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def logged_points(text, split):
@@ -416,3 +475,28 @@ def test_live_layer_grad_norms_in_a_real_training_log(trained, tmp_path):
                           "--out-csv", str(tmp_path / "g.csv"), "--out-png", str(tmp_path / "g.png")])  # fmt: skip
     got = curve_of(read_csv(tmp_path / "g.csv"), "stdout", "train_inner")
     assert got == [(int(stats["num_updates"]), float(stats["gnorm_dec1"])) for stats in lines]
+
+
+def test_layer_grad_norms_reach_tensorboard_and_wandb(trained):
+    """--tensorboard-logdir works with the runtime install (tensorboardX) and --wandb-project takes our metrics:
+    both receive every gnorm value of the json log, at its update."""
+    text = trained["stdout"].read_text()
+    lines = [json.loads(line.split("| train_inner |", 1)[1]) for line in text.splitlines() if "| train_inner |" in line]
+    keys = ("gnorm_enc1", "gnorm_enc2", "gnorm_dec1", "gnorm_dec2")
+    expected = {k: [(int(stats["num_updates"]), float(stats[k])) for stats in lines] for k in keys}
+    assert all(len(points) == 3 for points in expected.values())  # updates 3, 6, 9
+
+    board = tensorboard_scalars(trained["tensorboard"] / "train_inner")
+    assert "loss" in board
+    for key, points in expected.items():
+        assert [step for step, _ in board[key]] == [step for step, _ in points], key
+        # the json log rounds to 3 significant digits; tensorboard stores float32
+        assert [v for _, v in board[key]] == pytest.approx([v for _, v in points], rel=5e-3), key
+
+    records = [json.loads(line) for line in trained["wandb"].read_text().splitlines()]
+    assert records[0] == {"init": "b2t-test"}
+    assert any("config" in r for r in records)
+    for key, points in expected.items():
+        got = [(r["step"], r["values"][f"train_inner/{key}"]) for r in records if f"train_inner/{key}" in r.get("values", {})]
+        assert [step for step, _ in got] == [step for step, _ in points], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=5e-3), key

@@ -478,6 +478,8 @@ def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_ma
     p.add_argument("--max-tokens", type=int,
                    help=f"per-GPU batch in tokens (default: the config's {default_max_tokens})")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
+    p.add_argument("--hydra-config", type=Path, metavar="FILE.yaml", help="write the row as a fairseq-hydra-train "
+                   "config instead of training (b2t_fairseq/recipes/hydra_configs.py)")  # fmt: skip
     p.set_defaults(func=functools.partial(_train, build, run))
     return p
 
@@ -488,6 +490,15 @@ def _train(build, run, args, extra):
     if args.dry_run:
         print(launch_script(cmd, info) if args.nodes > 1 else info["command"], end="\n" * (args.nodes == 1))
         return 0
+    if args.hydra_config:
+        from b2t_fairseq.recipes.hydra_configs import write_row_config
+
+        if args.nodes > 1:
+            raise RecipeError("--hydra-config writes a one-node config; drop --nodes (or launch fairseq-train with it)")
+        if args.hydra_config.suffix != ".yaml":
+            raise RecipeError(f"--hydra-config {args.hydra_config}: the name must end in .yaml (hydra's config name)")
+        write_recipe_facts(args.save_dir, info)
+        return write_row_config(args.hydra_config, cmd, info)
     return run(args, cmd, info)
 
 
