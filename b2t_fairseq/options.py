@@ -76,6 +76,14 @@ class B2TOptions(FairseqDataclass):
             "(refused otherwise, so that resuming or decoding never mixes two runs by accident)"
         },
     )
+    compile_layers: str = field(
+        default="",
+        metadata={
+            "help": "compile every encoder/decoder layer with this torch.compile backend (inductor: fused kernels; "
+            "aot_eager: tracing only), for training and decoding; state dicts are unchanged. TorchScript is not "
+            "supported (b2t_fairseq/compiling.py says why). Default '': off"
+        },
+    )
     log_layer_grad_norms: int = field(
         default=0,
         metadata={

@@ -10,6 +10,7 @@ from fairseq.models.transformer import transformer_legacy as fs
 from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
+from b2t_fairseq.compiling import compile_layers
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import apply_init_scaling
@@ -31,6 +32,7 @@ class TransformerB2TModel(IdentityChecked, TransformerModel):
         model = super().build_model(args, task)
         apply_init_scaling(model.encoder, args.init_scaling)
         apply_init_scaling(model.decoder, args.init_scaling)
+        compile_layers(model, safe_getattr(args, "compile_layers", ""))
         return attach_layer_grad_norm_logger(model.record_identity(args), args)
 
     @classmethod

@@ -15,6 +15,7 @@ from fairseq.modules import AdaptiveInput
 from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
+from b2t_fairseq.compiling import compile_layers
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import apply_init_scaling, get_connection
@@ -68,7 +69,8 @@ class TransformerLMB2TModel(IdentityChecked, fs.TransformerLanguageModel):
         cfg = TransformerConfig.from_namespace(args)
         decoder = B2TTransformerDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         apply_init_scaling(decoder, args.init_scaling)
-        return attach_layer_grad_norm_logger(cls(decoder).record_identity(args), args)
+        model = compile_layers(cls(decoder), safe_getattr(args, "compile_layers", ""))
+        return attach_layer_grad_norm_logger(model.record_identity(args), args)
 
 
 def _mirror(name, fairseq_arch):

@@ -1,0 +1,35 @@
+"""``--compile-layers BACKEND``: torch.compile for the plugin's models, in fairseq-train and fairseq-generate.
+
+TorchScript is not supported: fairseq's ``--export`` / ``torch.jit.script`` stop at the small functions our layers
+hand to their method (``connection.sublayer(layer, name, x, f, norm, carry)``), because TorchScript compiles no
+nested functions or closures. Those functions are what keeps each of the twelve methods one small class, and
+TorchScript has been in maintenance mode since PyTorch 2.0, so we did not rewrite the layers around it.
+torch.compile traces the same Python code as it runs instead.
+
+Each encoder and decoder layer is compiled in place (``nn.Module.compile``): parameter names, state dicts and
+checkpoints stay as they are, and a checkpoint decodes with or without it. Shapes follow torch's default: the
+first batch compiles for its shape, the first batch of another shape recompiles with symbolic sizes (compiling
+dynamic from the start took 5x longer for the same model here). ``inductor`` generates fused kernels (GPU, or CPU with a C++ compiler, with a
+compile time of about a minute on the first batches); ``aot_eager`` traces without generating code, which is what
+the tests use (forward, gradients and beam search equal to eager for b2t and dlcl; all twelve methods were checked
+the same way once, see README). The option is part of the model options, so a checkpoint trained with
+it decodes compiled too unless ``--model-overrides "{'compile_layers': ''}"`` switches it off.
+"""
+import torch
+
+from b2t_fairseq.errors import B2TConfigError
+
+
+def compile_layers(model, backend):
+    """Compile every layer of ``model``'s encoder and decoder with torch.compile ``backend`` ('' leaves them)."""
+    if not backend:
+        return model
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise B2TConfigError(
+            f"--compile-layers {backend}: not a torch.compile backend here; choose one of "
+            f"{', '.join(torch._dynamo.list_backends())} (or drop the flag)"
+        )
+    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
+        for layer in getattr(stack, "layers", None) or ():
+            layer.compile(backend=backend)  # torch's automatic dynamic shapes: static first, dynamic on change
+    return model
