@@ -2,8 +2,8 @@
 
 A config is derived from the recipe's own fairseq-train command (the same configs/<recipe>/*.yaml merged by the same
 code), parsed by fairseq's argparse front end and converted by fairseq into its structured config; each section
-keeps the settings that differ from what fairseq would use without them, and the model section the model flags
-the command gives (the architecture fills the rest, as with fairseq-train). So every setting is still written once,
+keeps the settings that differ from what fairseq would use without them, and the model section every model option
+as the architecture resolved it. So every setting is still written once,
 in the recipe YAML, and ``tests/test_hydra.py`` trains both ways and gets the same config and the same weights.
 
     python -m b2t_fairseq.recipes.hydra_configs             # regenerate configs/hydra/ (the shipped configs)
@@ -18,7 +18,9 @@ in the config file itself (``model: {_name: transformer_b2t_wmt_en_de_18l, ...}`
 model options of argparse runs (its own ``transformer`` is not registered with one either).
 """
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 import yaml
@@ -42,14 +44,42 @@ def _parse(argv):
     return options.parse_args_and_arch(parser, [str(a) for a in argv])
 
 
-def _given_model_flags(args, argv):
-    """The model options ``argv`` sets explicitly: parsed by the model class's own add_args alone."""
-    from fairseq.models import ARCH_MODEL_REGISTRY
+# model options the plugin derives from --connection when the model is built (b2t_fairseq/options.py): written as the
+# command gives them, so that `model.connection=NAME` on the hydra command line still brings the method's own
+DERIVED_FROM_METHOD = ("init_scaling", "encoder_normalize_before", "decoder_normalize_before")
+
+
+def _model_options(args, argv):
+    """Every model option as the architecture resolved it. All of them, not only those the command gives: for a model
+    registered with a dataclass (the language model) fairseq-hydra-train fills the dataclass defaults in before the
+    architecture runs, so an architecture's own defaults (transformer_lm_wiki103's dropout, adaptive input, ...)
+    would be lost; fairseq's own LM configs spell them out for the same reason."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_DATACLASS_REGISTRY
 
     parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS, add_help=False, allow_abbrev=False)
     ARCH_MODEL_REGISTRY[args.arch].add_args(parser)
-    given, _ = parser.parse_known_args([str(a) for a in argv])
-    return {k: getattr(args, k) for k in sorted(vars(given))}  # as the architecture resolved them
+    skip = _interpolated("model", ARCH_MODEL_NAME_REGISTRY[args.arch])
+    dests = sorted({a.dest for a in parser._actions if a.dest != argparse.SUPPRESS} - skip - set(DERIVED_FROM_METHOD))
+    options = {k: _yaml_value(getattr(args, k)) for k in dests if hasattr(args, k)}
+    dc = MODEL_DATACLASS_REGISTRY.get(ARCH_MODEL_NAME_REGISTRY[args.arch])
+    for field in dataclasses.fields(dc) if dc is not None else ():
+        # fairseq's LM architectures set some int options to booleans (base_shuffle = False), which its own
+        # dataclass validation then refuses
+        kind = next((t for t in (int, float) if field.type in (t, typing.Optional[t])), None)
+        if kind is not None and isinstance(options.get(field.name), bool):
+            options[field.name] = kind(options[field.name])
+    given = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    given.add_argument("--init-scaling", default="auto")
+    options["init_scaling"] = given.parse_known_args(argv)[0].init_scaling
+    return options
+
+
+def _yaml_value(value):
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _plain(node):
@@ -112,7 +142,7 @@ def hydra_config(cmd):
         name = {NAMED: got[NAMED]} if got.get(NAMED) is not None else {}
         if changed or (name and section in COMPONENTS):
             out[section] = name | changed
-    out["model"] = {NAMED: args.arch, **_given_model_flags(args, argv)}
+    out["model"] = {NAMED: args.arch, **_model_options(args, argv)}
     return out
 
 
