@@ -6,7 +6,8 @@ writes checkpoints. Installed when the plugin is imported; each piece is narrow 
 * fairseq copies its newest checkpoint to ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy;
   killed during that copy, the file is left half-written. The copy now goes to a temporary name in the same
   directory and is renamed when complete.
-* ``--fp16`` / ``--bf16`` on a machine without a CUDA GPU is one line before fairseq's trainer fails on it.
+* ``--fp16`` / ``--bf16`` on a machine without a CUDA GPU is one line before fairseq's trainer fails on it, and
+  ``--bf16`` on a CUDA GPU trains in bf16 there (fairseq 0.12's argparse front end would switch to TPU mode).
 * A model of this plugin records its identity (the options that define what is trained: method, depths, init,
   word dropout, the methods' knobs). Loading a checkpoint whose identity differs (resuming a b2t save dir with
   ``--connection post-ln``, decoding with ``--model-overrides`` that change the method) is refused with the
@@ -16,6 +17,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -154,14 +156,12 @@ def _checked_trainer_init(original):
 
         common = cfg.common
         given = ["--" + f.replace("_", "-") for f in PRECISION_FLAGS if getattr(common, f, False)]
-        if getattr(common, "tpu", False):  # fairseq 0.12's --bf16 switches TPU mode on as well
+        # fairseq 0.12's --bf16 switches TPU mode on as well; the plugin reads it as a GPU mode (_bf16_on_cuda)
+        if getattr(common, "tpu", False) and ("--tpu" in sys.argv or not any("bf16" in f for f in given)):
             import importlib.util
 
             if importlib.util.find_spec("torch_xla") is None:
-                flag = next((f for f in given if "bf16" in f), "--tpu")
-                raise B2TConfigError(
-                    f"{flag} makes fairseq 0.12 train on a TPU (torch_xla), which this machine lacks; drop {flag}"
-                )
+                raise B2TConfigError("--tpu trains on a TPU through torch_xla, which this machine lacks; drop --tpu")
         elif given and not torch.cuda.is_available():
             raise B2TConfigError(
                 f"{given[0]} needs a CUDA GPU, and torch sees none on this machine; drop {given[0]} to train in "
@@ -171,6 +171,26 @@ def _checked_trainer_init(original):
 
     __init__.__wrapped__ = original
     return __init__
+
+
+def _bf16_on_cuda(original):
+    """fairseq 0.12's argparse front end turns ``--bf16`` into TPU mode as well (options.py: ``if args.bf16:
+    args.tpu = True``), so ``fairseq-train --bf16`` on a CUDA GPU goes for torch_xla. On a machine with a CUDA GPU,
+    and unless ``--tpu`` itself was given, the plugin takes ``--bf16`` as bf16 on that GPU, which is what fairseq's
+    trainer, optimizer (no loss scaling in bf16) and hydra front end implement; TPU runs keep ``--tpu --bf16``."""
+
+    def call_main(cfg, main, **kwargs):
+        import torch
+
+        common = cfg.common
+        bf16 = getattr(common, "bf16", False) or getattr(common, "memory_efficient_bf16", False)
+        if bf16 and getattr(common, "tpu", False) and "--tpu" not in sys.argv and torch.cuda.is_available():
+            common.tpu = False
+            logger.info("--bf16 on a CUDA GPU: bf16 training on the GPU (fairseq 0.12 alone would switch to TPU mode)")
+        return original(cfg, main, **kwargs)
+
+    call_main.__wrapped__ = original
+    return call_main
 
 
 # ------------------------------------------------------------------ batches of a resumed run
@@ -210,11 +230,14 @@ def install():
     """Wrap fairseq's checkpoint loading and copying, the trainer's start and its training batches of a
     resumed run (idempotent)."""
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.trainer import Trainer
 
     if not hasattr(Trainer.__init__, "__wrapped__"):
         Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
+    if not hasattr(distributed_utils.call_main, "__wrapped__"):
+        distributed_utils.call_main = _bf16_on_cuda(distributed_utils.call_main)
     if not hasattr(Trainer.get_train_iterator, "__wrapped__"):
         Trainer.get_train_iterator = _resume_batches_as_built(Trainer.get_train_iterator)
 

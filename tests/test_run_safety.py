@@ -135,6 +135,29 @@ def test_half_precision_without_a_gpu_is_one_line(toy_corpus, tmp_path, flag):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the flags are valid here")
     proc = _train(toy_corpus["data_bin"], tmp_path / "ckpt", "--max-update", 1, flag, check=False)
-    # fairseq 0.12 turns --bf16 into TPU training (issue 11 makes it a GPU mode)
-    _one_line_error(proc, f"{flag} needs a CUDA GPU" if flag == "--fp16" else "--bf16 makes fairseq 0.12 train on a TPU",
-                    f"drop {flag}")  # fmt: skip
+    _one_line_error(proc, f"{flag} needs a CUDA GPU", f"drop {flag}")
+
+
+@pytest.mark.parametrize("argv, cuda, tpu", [
+    (["--bf16"], True, False),   # a GPU machine: bf16 on the GPU
+    (["--bf16", "--tpu"], True, True),  # asked for a TPU
+    (["--bf16"], False, True),   # no GPU: left to the trainer's one-line error (test above)
+])  # fmt: skip
+def test_bf16_on_a_cuda_machine_is_not_tpu_mode(data_dir, monkeypatch, argv, cuda, tpu):
+    """fairseq 0.12's argparse sets tpu with --bf16; what fairseq-train's main then sees (issue 11)."""
+    import sys
+
+    import torch
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+
+    from conftest import parse_args
+
+    args = parse_args(data_dir, ["--arch", "transformer_b2t", *argv])
+    assert args.tpu  # fairseq's own option handling
+    cfg = convert_namespace_to_omegaconf(args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", str(data_dir), *argv])
+    seen = {}
+    distributed_utils.call_main(cfg, lambda c: seen.update(tpu=c.common.tpu, bf16=c.common.bf16))
+    assert seen == {"tpu": tpu, "bf16": True}
