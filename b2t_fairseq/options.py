@@ -84,6 +84,15 @@ class B2TOptions(FairseqDataclass):
             "supported (b2t_fairseq/compiling.py says why). Default '': off"
         },
     )
+    int8_decoding: ChoiceEnum(["none", "decoder", "all"]) = field(
+        default="none",
+        metadata={
+            "help": "CPU decoding: dynamic int8 quantization of the Linear layers of the decoder (decoder: its layers "
+            "and output projection; all: the encoder's layers too), applied when fairseq-generate/-interactive or "
+            "the hub prepares a loaded model; checkpoints keep float32 weights. For a trained model: "
+            "--model-overrides \"{'int8_decoding': 'decoder'}\" (b2t_fairseq/int8.py)"
+        },
+    )
     log_layer_grad_norms: int = field(
         default=0,
         metadata={

@@ -16,6 +16,7 @@ from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.compiling import compile_layers
+from b2t_fairseq.int8 import Int8Decoding
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import apply_init_scaling, get_connection
@@ -29,7 +30,7 @@ class TransformerLMB2TConfig(fs.TransformerLanguageModelConfig, B2TOptions):
 
 
 @register_model("transformer_lm_b2t", dataclass=TransformerLMB2TConfig)
-class TransformerLMB2TModel(IdentityChecked, fs.TransformerLanguageModel):
+class TransformerLMB2TModel(Int8Decoding, IdentityChecked, fs.TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         args = as_namespace(args)
@@ -70,6 +71,7 @@ class TransformerLMB2TModel(IdentityChecked, fs.TransformerLanguageModel):
         decoder = B2TTransformerDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         apply_init_scaling(decoder, args.init_scaling)
         model = compile_layers(cls(decoder), safe_getattr(args, "compile_layers", ""))
+        model.b2t_int8_decoding = safe_getattr(args, "int8_decoding", "none")
         return attach_layer_grad_norm_logger(model.record_identity(args), args)
 
 

@@ -1,0 +1,70 @@
+"""--int8-decoding (issue 11): dynamic int8 quantization of the decoder's Linear layers when fairseq prepares a
+loaded model for inference; outputs close to float32, beam search runs, wrong devices are one line."""
+import argparse
+
+import pytest
+import torch
+
+from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
+
+SMALL = ("--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim "
+         "64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0 "
+         "--share-all-embeddings").split()  # fmt: skip
+QLinear = torch.ao.nn.quantized.dynamic.Linear
+
+
+def _generation_cfg():
+    return argparse.Namespace(generation=argparse.Namespace(beam=2, print_alignment=False, retain_dropout=False))
+
+
+@pytest.mark.parametrize("scope, encoder_quantized", [("decoder", False), ("all", True)])
+def test_prepare_for_inference_quantizes_the_named_layers(data_dir, scope, encoder_quantized):
+    model, task, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--int8-decoding", scope])
+    reference, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL])  # same seed: same weights
+    assert not any(isinstance(m, QLinear) for m in model.modules())  # nothing at build time: checkpoints load
+    for m in (model, reference):
+        m.eval()
+        m.prepare_for_inference_(_generation_cfg())
+    assert isinstance(model.decoder.output_projection, QLinear)
+    assert all(isinstance(layer.fc1, QLinear) and isinstance(layer.encoder_attn.q_proj, QLinear)
+               for layer in model.decoder.layers)  # fmt: skip
+    assert all(isinstance(layer.fc1, QLinear) == encoder_quantized for layer in model.encoder.layers)
+
+    torch.manual_seed(3)
+    src, prev, lengths = torch.randint(4, 30, (3, 7)), torch.randint(4, 30, (3, 5)), torch.full((3,), 7)
+    with torch.no_grad():
+        out, ref = model(src, lengths, prev)[0], reference(src, lengths, prev)[0]
+    error = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < error < 0.05, error  # quantized, and close
+
+    from fairseq.sequence_generator import SequenceGenerator
+
+    gen = SequenceGenerator([model], task.target_dictionary, beam_size=2, max_len_b=6)
+    with torch.no_grad():
+        hyps = gen({"net_input": {"src_tokens": src, "src_lengths": lengths}})
+    assert len(hyps) == 3 and all(len(h) == 2 for h in hyps)
+    # full-sequence forwards (scoring, alignment) take fairseq's unfused attention with quantized projections
+    with torch.no_grad():
+        model.decoder(prev, encoder_out=model.encoder(src, lengths))
+
+
+def test_int8_of_a_half_precision_model_is_one_line(data_dir):
+    from b2t_fairseq.errors import B2TConfigError
+
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--int8-decoding", "decoder"])
+    model.half()
+    with pytest.raises(B2TConfigError, match="--int8-decoding runs on the CPU in float32"):
+        model.prepare_for_inference_(_generation_cfg())
+
+
+@pytest.mark.slow
+def test_fairseq_generate_with_int8_model_override(toy_corpus, tmp_path):
+    """A checkpoint trained without the option decodes in int8 through --model-overrides."""
+    run("fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL,
+        *TINY_OPTIM, "--max-update", 5, "--save-dir", tmp_path / "ckpt")  # fmt: skip
+    gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path",
+              tmp_path / "ckpt" / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 4, "--batch-size", 50,
+              "--max-len-b", 5, "--cpu", "--model-overrides", "{'int8_decoding': 'decoder'}")  # fmt: skip
+    assert "--int8-decoding decoder: 21 Linear layers quantized" in gen.stderr  # 2 layers x 10 + output
+    lines = gen.stdout.splitlines()
+    assert sum(line.startswith("H-") for line in lines) == sum(line.startswith("S-") for line in lines) > 0
