@@ -4,8 +4,9 @@ Applied when fairseq prepares a loaded model for inference (``prepare_for_infere
 fairseq-interactive, fairseq-eval-lm, the hub interface), so checkpoints keep their float32 weights and training
 never sees it. Switch it on for a trained model with ``--model-overrides "{'int8_decoding': 'decoder'}"``.
 
-``decoder`` quantizes every Linear of the decoder's layers and its output projection: the parts run once per
-beam and step. ``all`` adds the encoder's layers, which run once per sentence. Activations are quantized per batch
+``decoder`` quantizes the Linear layers of the decoder's layers (but the attention queries and keys, see
+KEEP_FLOAT) and its output projection: the parts run once per beam and step. ``all`` adds the encoder's layers,
+which run once per sentence. Activations are quantized per batch
 on the fly (dynamic quantization), weights per output channel. fairseq's attention hands its projection weights to
 PyTorch's fused kernel in full-sequence self-attention; quantized projections have no weight tensor to hand over,
 so their attention modules take fairseq's own path (the one incremental decoding always takes).
@@ -18,6 +19,9 @@ from torch import nn
 from b2t_fairseq.errors import B2TConfigError
 
 SCOPES = ("none", "decoder", "all")
+# attention's query and key projections stay float32: their error passes through the softmax; on the demo's toy
+# model quantizing them cost 1.1 BLEU, everything else 0 +- 1 (experiments/int8_decoding.py, benchmarks/RESULTS.md)
+KEEP_FLOAT = ("q_proj", "k_proj")
 logger = logging.getLogger(__name__)
 
 
@@ -33,22 +37,26 @@ def quantize_for_cpu_decoding(model, scope):
             f"--int8-decoding runs on the CPU in float32 (torch's dynamic int8 kernels), but the model is "
             f"{first.dtype} on {first.device}; decode with --cpu and without --fp16/--bf16, or drop it"
         )
+    from fairseq.modules import MultiheadAttention
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    targets = {"decoder.layers": per_channel_dynamic_qconfig}
+    stacks = ["decoder"] + (["encoder"] if scope == "all" and getattr(model, "encoder", None) is not None else [])
+    targets = [
+        f"{stack}.layers.{name}"
+        for stack in stacks
+        for name, module in model.get_submodule(f"{stack}.layers").named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
+    ]
     if isinstance(getattr(model.decoder, "output_projection", None), nn.Linear):
-        targets["decoder.output_projection"] = per_channel_dynamic_qconfig
-    if scope == "all" and getattr(getattr(model, "encoder", None), "layers", None) is not None:
-        targets["encoder.layers"] = per_channel_dynamic_qconfig
-    quantize_dynamic(model, qconfig_spec=targets, dtype=torch.qint8, inplace=True)
-    from fairseq.modules import MultiheadAttention
-
-    for name in targets:
-        for module in model.get_submodule(name).modules():
+        targets.append("decoder.output_projection")
+    quantize_dynamic(model, qconfig_spec=dict.fromkeys(targets, per_channel_dynamic_qconfig), dtype=torch.qint8,
+                     inplace=True)  # fmt: skip
+    for stack in stacks:
+        for module in model.get_submodule(f"{stack}.layers").modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True  # keeps it off the fused path that needs weight tensors
-    count = sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
-    logger.info(f"--int8-decoding {scope}: {count} Linear layers quantized to int8 ({', '.join(targets)})")
+    logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8 (attention queries and keys "
+                "stay float32)")
     return model
 
 

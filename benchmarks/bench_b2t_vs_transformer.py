@@ -90,6 +90,9 @@ def parse_cli(argv=None):
     g.add_argument("--steps-per-repeat", type=int, default=1, help="training steps timed together per round")
     g.add_argument("--warmup", type=int, default=2, help="untimed training steps / generation batches per model")
     g = p.add_argument_group("generation measurement")
+    g.add_argument("--int8", choices=["none", "decoder", "all"], default="decoder",
+                   help="CPU: also time the b2t model's generation with --int8-decoding of this scope (a "
+                   "generation-only row: same weights as the b2t row, quantized after its training rounds)")
     g.add_argument("--beam", type=int, default=4)
     g.add_argument("--gen-len", type=int, default=30, help="L: every hypothesis is forced to L tokens + EOS")
     g.add_argument("--gen-batch", type=int, default=16, help="source sentences per generation batch")
@@ -103,6 +106,8 @@ def parse_cli(argv=None):
     args = p.parse_args(argv)
     if args.fp16 and args.bf16:
         p.error("choose one of --fp16 and --bf16")
+    if args.device != "cpu":
+        args.int8 = "none"  # torch's dynamic int8 kernels are CPU kernels
     if (args.fp16 or args.bf16) and args.device != "cuda":
         p.error("--fp16/--bf16 are autocast modes for --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -162,6 +167,19 @@ class Bench:
         self.dtype = torch.float16 if cli.fp16 else torch.bfloat16 if cli.bf16 else None
         self.scaler = torch.amp.GradScaler("cuda") if cli.fp16 else None
         self.generator = None
+        self.gen_only = False
+
+    def int8_copy(self, scope):
+        """A generation-only copy of this model with --int8-decoding ``scope`` applied, as fairseq-generate does."""
+        import copy
+
+        from b2t_fairseq.int8 import quantize_for_cpu_decoding
+
+        other = copy.copy(self)
+        other.name, other.extra, other.gen_only, other.generator = f"{self.name} int8", [*self.extra, "--int8-decoding", scope], True, None
+        other.model = quantize_for_cpu_decoding(copy.deepcopy(self.model).eval(), scope)
+        other.params = self.params
+        return other
 
     def autocast(self):
         if self.dtype is None:
@@ -498,7 +516,7 @@ def run(cli):
         memory[b.name] = {"peak_bytes": nbytes, "method": method, **details}
         log(f"  peak training memory {b.name}: {nbytes / MiB:.1f} MiB")
 
-    def alternate(kind, work, units, fmt):
+    def alternate(kind, work, units, fmt, benches):
         """Alternating rounds: every round times ``work(bench, round)`` once per model, in a fixed order.
         Also records, per timing, the share of the machine's CPU time that OTHER processes used (see
         other_cpu_share): with OpenMP threads, even a little contention can slow a step down several times."""
@@ -526,12 +544,14 @@ def run(cli):
         for k in range(cli.gen_batches_per_repeat):
             b.generate(gen_batches[(r * cli.gen_batches_per_repeat + k) % len(gen_batches)], cli)
 
-    train_rates, train_cpu = alternate("train", train_work, cli.steps_per_repeat * tgt_tokens, ".0f")
+    train_rates, train_cpu = alternate("train", train_work, cli.steps_per_repeat * tgt_tokens, ".0f", benches)
+    if cli.int8 != "none":  # the b2t row's weights as trained above, quantized
+        benches.append(benches[1].int8_copy(cli.int8))
     for b in benches:  # generation warm-up
         b.optimizer.zero_grad(set_to_none=True)
         for i in range(cli.warmup):
             b.generate(gen_batches[i % len(gen_batches)], cli)
-    gen_rates, gen_cpu = alternate("gen", gen_work, cli.gen_batches_per_repeat * cli.gen_batch, ".2f")
+    gen_rates, gen_cpu = alternate("gen", gen_work, cli.gen_batches_per_repeat * cli.gen_batch, ".2f", benches)
 
     def clean_rounds(other):
         """Rounds in which other processes used < QUIET of the machine's CPU time while each model ran."""
@@ -547,23 +567,26 @@ def run(cli):
     base_mem = memory[BASELINE]["peak_bytes"]
     results = []
     for b in benches:
+        trained = not b.gen_only
         results.append(
             {
                 "model": b.name,
                 "arch": b.arch,
                 "extra_args": b.extra,
                 "params": b.params,
-                "train_tgt_tokens_per_s": summary(train_rates[b.name]),
-                "train_ratio_per_round": summary([x / y for x, y in zip(train_rates[b.name], train_rates[BASELINE])]),
-                "peak_train_memory": memory[b.name],
-                "peak_train_memory_ratio": memory[b.name]["peak_bytes"] / base_mem,
+                "train_tgt_tokens_per_s": summary(train_rates[b.name]) if trained else None,
+                "train_ratio_per_round": summary([x / y for x, y in zip(train_rates[b.name], train_rates[BASELINE])])
+                if trained
+                else None,
+                "peak_train_memory": memory[b.name] if trained else None,
+                "peak_train_memory_ratio": memory[b.name]["peak_bytes"] / base_mem if trained else None,
                 "gen_sentences_per_s": summary(gen_rates[b.name]),
                 "gen_ratio_per_round": summary([x / y for x, y in zip(gen_rates[b.name], gen_rates[BASELINE])]),
                 "train_ratio_clean_rounds": ratio_summary(ratios(train_rates, clean["train"], b.name))
-                if clean["train"]
+                if clean["train"] and trained
                 else None,
                 "gen_ratio_clean_rounds": ratio_summary(ratios(gen_rates, clean["gen"], b.name)) if clean["gen"] else None,
-                "train_others_cpu_share_per_round": train_cpu[b.name],
+                "train_others_cpu_share_per_round": train_cpu[b.name] if trained else None,
                 "gen_others_cpu_share_per_round": gen_cpu[b.name],
             }
         )
@@ -589,11 +612,17 @@ def markdown_table(report):
     for r in report["results"]:
         t, tr, g, gr = r["train_tgt_tokens_per_s"], r["train_ratio_per_round"], r["gen_sentences_per_s"], r["gen_ratio_per_round"]
         base = r["model"] == BASELINE
+        if t is None:  # a generation-only row (int8)
+            train_cells = "— | — | — | — | —"
+        else:
+            train_cells = (
+                f"{t['median']:.0f} | {t['min']:.0f}–{t['max']:.0f} | "
+                + ("1" if base else f"**{tr['median']:.3f}** [{tr['min']:.3f}–{tr['max']:.3f}]")
+                + f" | {r['peak_train_memory']['peak_bytes'] / MiB:.1f} | "
+                + ("1" if base else f"**{r['peak_train_memory_ratio']:.3f}**")
+            )
         rows.append(
-            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {t['median']:.0f} | {t['min']:.0f}–{t['max']:.0f} | "
-            + ("1" if base else f"**{tr['median']:.3f}** [{tr['min']:.3f}–{tr['max']:.3f}]")
-            + f" | {r['peak_train_memory']['peak_bytes'] / MiB:.1f} | "
-            + ("1" if base else f"**{r['peak_train_memory_ratio']:.3f}**")
+            f"| {r['model']} | {r['params'] / 1e6:.2f}M | {train_cells}"
             + f" | {g['median']:.2f} | {g['min']:.2f}–{g['max']:.2f} | "
             + ("1" if base else f"**{gr['median']:.3f}** [{gr['min']:.3f}–{gr['max']:.3f}]")
             + " |"
@@ -640,6 +669,10 @@ Recorded by `benchmarks/bench_b2t_vs_transformer.py` (see `benchmarks/README.md`
   live (parameters + Adam state), i.e. the CPU analogue of `max_memory_allocated`.
 - **gen sent/s**: `SequenceGenerator`, beam 4, eval/no_grad; every hypothesis is forced to exactly L tokens +
   EOS (`max_len_a=0, max_len_b=L, min_len=L`) so both models do identical work whatever their random weights.
+- **b2t int8**: the b2t row's model after its training rounds, with `--int8-decoding` (dynamic int8 Linear
+  layers, `b2t_fairseq/int8.py`) applied as fairseq-generate applies it: generation only. Its hypotheses differ
+  from the float model's (random weights make the forced-length work identical anyway); the BLEU cost is
+  measured on trained models by `experiments/int8_decoding.py`.
 - **×transformer**: ratio to the stock model, computed per round and summarised as median [min–max];
   "own min–max" is a model's spread over its rounds, i.e. the noise level of the machine.
 - **Contention check**: for every timed round the script reads `/proc/stat` and computes how much of the
