@@ -9,8 +9,8 @@ torch.compile traces the same Python code as it runs instead.
 Each encoder and decoder layer is compiled in place (``nn.Module.compile``): parameter names, state dicts and
 checkpoints stay as they are, and a checkpoint decodes with or without it. Shapes follow torch's default: the
 first batch compiles for its shape, the first batch of another shape recompiles with symbolic sizes (compiling
-dynamic from the start took 5x longer for the same model here). ``inductor`` generates fused kernels (GPU, or CPU with a C++ compiler, with a
-compile time of about a minute on the first batches); ``aot_eager`` traces without generating code, which is what
+dynamic from the start took 5x longer for the same model here). ``inductor`` generates fused kernels (GPU, or
+CPU with a C++ compiler, with a compile time of about a minute on the first batches); ``aot_eager`` traces without generating code, which is what
 the tests use (forward, gradients and beam search equal to eager for b2t and dlcl; all twelve methods were checked
 the same way once, see README). The option is part of the model options, so a checkpoint trained with
 it decodes compiled too unless ``--model-overrides "{'compile_layers': ''}"`` switches it off.
