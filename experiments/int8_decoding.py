@@ -3,7 +3,8 @@
     .venv/bin/python experiments/int8_decoding.py --work demo-out/real            # after make demo DATA=...
     .venv/bin/python experiments/int8_decoding.py --work demo-out/toy --rounds 3
 
-For each variant (float32; --int8-decoding decoder; --int8-decoding all) it decodes the demo's test set with
+For each variant (float32; --int8-decoding decoder; --int8-decoding all; decoder with the attention queries and
+keys quantized too, which the option does not do) it decodes the demo's test set with
 fairseq-generate exactly as the demo did (its checkpoint, data-bin and generate options, --cpu), scores it with
 the demo's scorer against the raw references, and times the decoding in alternating rounds (F D A F D A ...):
 the time fairseq-generate reports for translating ("Translated N sentences ... in Xs", model loading excluded).
@@ -27,7 +28,12 @@ sys.path.insert(0, str(REPO))
 from b2t_fairseq import atomic  # noqa: E402
 from b2t_fairseq.tools.pipeline import as_flags  # noqa: E402
 
-VARIANTS = {"float32": None, "int8-decoder": "decoder", "int8-all": "all"}
+# name: (--int8-decoding scope, quantize the attention queries and keys too?)
+VARIANTS = {"float32": (None, False), "int8-decoder": ("decoder", False), "int8-all": ("all", False),
+            "int8-decoder+qk": ("decoder", True)}  # fmt: skip
+# fairseq-generate in this interpreter with b2t_fairseq.int8.KEEP_FLOAT emptied: what keeping q/k float saves
+WITH_QK = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import b2t_fairseq.int8 as q; q.KEEP_FLOAT = (); "
+           "from fairseq_cli.generate import cli_main; sys.argv[0] = 'fairseq-generate'; cli_main()")
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 
 
@@ -46,10 +52,11 @@ def demo_facts(work):
     return Path(scored["checkpoint"]), work / "data-bin", config.get("generate", {}), reference, remove_bpe, scored
 
 
-def decode(work, out, checkpoint, data_bin, options, scope):
+def decode(work, out, checkpoint, data_bin, options, scope, with_qk=False):
     """fairseq-generate into ``out`` (whole or absent); returns (sentences, seconds fairseq reports)."""
-    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", str(REPO / "b2t_fairseq"),
-           "--path", str(checkpoint), "--gen-subset", "test", "--cpu", *as_flags(options)]  # fmt: skip
+    start = [sys.executable, "-c", WITH_QK, str(REPO)] if with_qk else [sys.executable, "-m", "fairseq_cli.generate"]
+    cmd = [*start, str(data_bin), "--user-dir", str(REPO / "b2t_fairseq"), "--path", str(checkpoint),
+           "--gen-subset", "test", "--cpu", *as_flags(options)]  # fmt: skip
     if scope:
         cmd += ["--model-overrides", repr({"int8_decoding": scope})]
     if not out.is_file():
@@ -94,10 +101,17 @@ def main(argv=None):
     checkpoint, data_bin, options, reference, remove_bpe, demo = demo_facts(args.work)
     out_dir = args.work / "int8"
     out_dir.mkdir(exist_ok=True)
+    # outputs of an earlier run are reused only for the same checkpoint (a new `make demo` would mix two models)
+    stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime, "size": checkpoint.stat().st_size}
+    stamp_file = out_dir / "checkpoint.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
+        sys.exit(f"int8_decoding: {out_dir} holds outputs of another checkpoint; delete {out_dir} and rerun")
+    atomic.write_text(stamp_file, json.dumps(stamp) + "\n")
     times = {name: [] for name in VARIANTS}
     for r in range(1, args.rounds + 1):
-        for name, scope in VARIANTS.items():
-            sentences, seconds = decode(args.work, out_dir / f"{name}.round{r}.txt", checkpoint, data_bin, options, scope)
+        for name, (scope, with_qk) in VARIANTS.items():
+            out = out_dir / f"{name}.round{r}.txt"
+            sentences, seconds = decode(args.work, out, checkpoint, data_bin, options, scope, with_qk)
             times[name].append(sentences / seconds)
             print(f"round {r} {name}: {sentences / seconds:.2f} sentences/s", flush=True)
     results = {}
@@ -137,9 +151,9 @@ def main(argv=None):
         f"(model loading excluded), {args.rounds} alternating rounds.\n"
     )
     print(text)
-    if not args.no_record:
-        with open(args.results, "a") as f:
-            f.write(text)
+    if not args.no_record:  # the log grows by one whole section or not at all
+        old = args.results.read_text() if args.results.is_file() else ""
+        atomic.write_text(args.results, old + text)
 
 
 if __name__ == "__main__":
