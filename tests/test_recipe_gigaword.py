@@ -275,12 +275,12 @@ def test_table_has_one_row_per_method_and_depth(tmp_path, capsys):
     table = out.read_text()
     assert capsys.readouterr().out == table
     lines = table.splitlines()
-    assert lines[:2] == ["| Method | Layers | Run | R-1 | R-2 | R-L |", "|---|---|---|---|---|---|"]
+    assert lines[:2] == ["| Method | Layers | Source | R-1 | R-2 | R-L |", "|---|---|---|---|---|---|"]
     assert lines[2:6] == [  # 6L before 18L, baselines first
-        "| Post-LN | 6L-6L | recipe settings | 35.10 | 16.79 | 32.00 |",
-        "| Pre-LN | 6L-6L | recipe settings | 34.50 | 16.25 | 31.50 |",
-        "| Pre-LN | 18L-18L | recipe settings | 34.00 | 16.00 | 31.00 |",
-        "| B2T | 18L-18L | recipe settings | 36.00 | 17.50 | 34.00 |",
+        "| Post-LN | 6L-6L | ours | 35.10 | 16.79 | 32.00 |",
+        "| Pre-LN | 6L-6L | ours | 34.50 | 16.25 | 31.50 |",
+        "| Pre-LN | 18L-18L | ours | 34.00 | 16.00 | 31.00 |",
+        "| B2T | 18L-18L | ours | 36.00 | 17.50 | 34.00 |",
     ]
     assert "Test set (500 pairs): NOT the standard Gigaword test set: the last 500 pairs of" in table
     assert "Scores: ROUGE settings S." in table
@@ -401,8 +401,8 @@ def test_smoke_scripts_on_the_real_sample(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert printed.endswith(table)
     lines = table.splitlines()
-    assert lines[0] == "| Method | Layers | Run | R-1 | R-2 | R-L |"
+    assert lines[0] == "| Method | Layers | Source | R-1 | R-2 | R-L |"
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells == ["B2T", "6L-6L", "scale smoke"] + [f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")]
+    assert cells == ["B2T", "6L-6L", "ours, scale smoke"] + [f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")]
     assert "Test set (30 pairs): NOT the standard Gigaword test set" in table
     print("smoke ROUGE-1/2/L:", " / ".join(f"{result[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")))  # with -s

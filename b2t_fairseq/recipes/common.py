@@ -7,7 +7,6 @@ A recipe's configs/<name>/ holds base.yaml, one file per depth (``6l.yaml``, ``1
 """
 import argparse
 import contextlib
-import functools
 import importlib
 import json
 import shlex
@@ -450,90 +449,248 @@ def print_table(text, out=None):
     print(text, end="")
 
 
-# ------------------------------------------------------------------ CLI
-def recipe_parser(prog, doc, config_dir):
-    """A recipe's parser (usage from its module docstring, --config-dir) and the group its subcommands join."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--config-dir", type=Path, default=config_dir, help=f"default: {config_dir}")
-    return parser, parser.add_subparsers(dest="command", required=True)
+# ------------------------------------------------------------------ the recipe protocol
+class Recipe:
+    """One paper table's recipe. The stages (train, evaluate, table), their command line, resumability and the
+    identity checks live here once; a recipe declares what differs: its depths and config keys, its data check
+    (``check_data``), the inputs evaluation checks before decoding (``plan_evaluation``), its decode-and-score step
+    (``decode_and_score``), its table columns (``columns``, ``result_cells``, ``published_cells``), and its own
+    ``prepare`` subcommand (``add_prepare_parser``).
 
+    Methods taking ``config_dir`` default to the recipe's configs/<name>/, so the bound methods of a recipe
+    instance serve as the functions of its module (``build_train_command = RECIPE.build_train_command``)."""
 
-def add_train_parser(sub, build, run, depths, depth_help, scale_help, default_max_tokens):
-    """The ``train`` subcommand, the same in every recipe but for its depths and help texts: the row's command from
-    ``build`` (the recipe's build_train_command), printed with --dry-run, else ``run(args, cmd, info)``."""
-    p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--depth", required=True, type=int, choices=depths, help=depth_help)
-    p.add_argument("--gpus", type=int, help="GPUs per node (0: the CPU); update-freq is derived from it. Required "
-                   "at full scale; --scale runs on the CPU")  # fmt: skip
-    p.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1): more than one writes a "
-                   "per-node torchrun script and an sbatch file into --save-dir instead of training; the tokens per "
-                   "update stay those of the config")  # fmt: skip
-    p.add_argument("--data-bin", required=True, type=Path)
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--scale", choices=("smoke",), help=scale_help)
-    p.add_argument("--max-tokens", type=int,
-                   help=f"per-GPU batch in tokens (default: the config's {default_max_tokens})")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
-    p.add_argument("--hydra-config", type=Path, metavar="FILE.yaml", help="write the row as a fairseq-hydra-train "
-                   "config instead of training (b2t_fairseq/recipes/hydra_configs.py)")  # fmt: skip
-    p.set_defaults(func=functools.partial(_train, build, run))
-    return p
+    name = None  # the module and program name, and the "recipe" key of its result JSON
+    doc = ""  # the module docstring: usage and description of the command line
+    depths = ()
+    depth_help = "layers in each of encoder and decoder"
+    smoke_help = "smoke: tiny model, a few dozen CPU updates (tests)"
+    eval_smoke_help = "smoke: the settings of the smoke model"
+    evaluate_help = "average, decode, score, write one JSON"
+    table_help = "Markdown table of evaluate results beside the published numbers"
+    device = "decode"  # what --cpu of evaluate runs on the CPU
+    default_max_tokens = None  # for the help of --max-tokens
+    required = ("train", "tokens_per_update", "evaluate")  # config keys
+    result_keys = ("method", "depth")  # result JSON keys the table needs
+    reserved = RESERVED_EXTRA
+    train_subsets = ("train", "valid")
 
+    def __init__(self):
+        self.config_dir = default_config_dir(self.name)
 
-def _train(build, run, args, extra):
-    cmd, info = build(args.method, args.depth, args.gpus, args.data_bin, args.save_dir, args.scale, extra,
-                      args.max_tokens, args.config_dir, nodes=args.nodes)  # fmt: skip
-    if args.dry_run:
-        print(launch_script(cmd, info) if args.nodes > 1 else info["command"], end="\n" * (args.nodes == 1))
-        return 0
-    if args.hydra_config:
-        from b2t_fairseq.recipes.hydra_configs import write_row_config
+    # ---------------------------------------------------------- hooks
+    def check_data(self, data_bin, subsets):
+        """Refuse a data-bin that lacks ``subsets`` with one line (default: a fairseq-preprocess translation one)."""
+        check_data_bin(data_bin, subsets)
 
-        if args.nodes > 1:
-            raise RecipeError("--hydra-config writes a one-node config; drop --nodes (or launch fairseq-train with it)")
-        if args.hydra_config.suffix != ".yaml":
-            raise RecipeError(f"--hydra-config {args.hydra_config}: the name must end in .yaml (hydra's config name)")
+    def check_row(self, config, method, depth, scale):
+        """Refuse a (method, depth) the recipe cannot train, or a config inconsistent with it."""
+
+    def train_facts(self, data_bin):
+        """Facts of the data-bin recorded in recipe.json beside the row's (e.g. where its test split came from)."""
+        return {}
+
+    def evaluate_inputs(self):
+        """Evaluate's own flags: {flag: add_argument options}; their values reach ``plan_evaluation``."""
+        return {}
+
+    def plan_evaluation(self, config, data_bin, **inputs):
+        """Check every input of the evaluation before the (long) decoding; returns what decode_and_score needs."""
+        raise NotImplementedError
+
+    def decode_and_score(self, plan, config, data_bin, checkpoint, cpu, work):
+        """Decode with ``checkpoint``, score, keep the raw outputs in ``work``: the result JSON's own keys."""
+        raise NotImplementedError
+
+    def headline(self, summary):
+        """One line of scores for the end of evaluate."""
+        raise NotImplementedError
+
+    def columns(self, config):
+        raise NotImplementedError
+
+    def result_cells(self, result, config):
+        raise NotImplementedError
+
+    def published_cells(self, row, config):
+        return ["–" if row.get(k) is None else str(row[k]) for k in self.columns(config)]
+
+    def layers(self, depth):
+        return f"{depth}L-{depth}L"
+
+    def table_notes(self, results, config):
+        """Lines under the table: how the scores were computed, footnotes."""
+        return []
+
+    def add_prepare_parser(self, sub):
+        raise NotImplementedError
+
+    # ---------------------------------------------------------- config and train
+    def load_config(self, config_dir=None, depth=None, scale=None):
+        return load_config(config_dir or self.config_dir, depth, scale, required=self.required)
+
+    def build_train_command(self, method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
+                            config_dir=None, nodes=1):  # fmt: skip
+        """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
+
+        def load(depth, scale):
+            config = self.load_config(config_dir, depth, scale)
+            self.check_row(config, method, depth, scale)
+            return config
+
+        return train_command(self.name, self.depths, load, method, depth, gpus, data_bin, save_dir, scale, extra,
+                             max_tokens, reserved=self.reserved, nodes=nodes)  # fmt: skip
+
+    def run_train(self, args, cmd, info):
+        self.check_data(args.data_bin, self.train_subsets)
+        info.update(self.train_facts(args.data_bin))
         write_recipe_facts(args.save_dir, info)
-        return write_row_config(args.hydra_config, cmd, info)
-    return run(args, cmd, info)
+        if info["nodes"] > 1:
+            return write_launch_scripts(args.save_dir, cmd, info)
+        run_fairseq(cmd)  # fairseq continues from SAVE_DIR/checkpoint_last.pt when rerun
+        return 0
+
+    def train(self, args, extra):
+        cmd, info = self.build_train_command(args.method, args.depth, args.gpus, args.data_bin, args.save_dir,
+                                             args.scale, extra, args.max_tokens, args.config_dir, nodes=args.nodes)
+        if args.dry_run:
+            print(launch_script(cmd, info) if args.nodes > 1 else info["command"], end="\n" * (args.nodes == 1))
+            return 0
+        if args.hydra_config:
+            from b2t_fairseq.recipes.hydra_configs import write_row_config
+
+            if args.nodes > 1:
+                raise RecipeError("--hydra-config writes a one-node config; drop --nodes (or launch fairseq-train with it)")
+            if args.hydra_config.suffix != ".yaml":
+                raise RecipeError(f"--hydra-config {args.hydra_config}: the name must end in .yaml (hydra's config name)")
+            write_recipe_facts(args.save_dir, info)
+            return write_row_config(args.hydra_config, cmd, info)
+        return self.run_train(args, cmd, info)
+
+    # ---------------------------------------------------------- evaluate
+    def evaluate(self, save_dir, data_bin, out, scale=None, average_last=None, cpu=None, config_dir=None, **inputs):
+        """Average the run's last epoch checkpoints, decode and score, write the result JSON ``out`` (raw outputs in
+        OUT.work/). Every input is checked before the averaging and the decoding."""
+        config = self.load_config(config_dir, scale=scale)
+        save_dir, data_bin, out = Path(save_dir), Path(data_bin), Path(out)
+        if not save_dir.is_dir():
+            raise RecipeError(f"save dir {save_dir} does not exist")
+        plan = self.plan_evaluation(config, data_bin, **inputs)
+        n = int(average_last or config["evaluate"]["average_last_epochs"])
+        checkpoint, averaged, facts = average_run(save_dir, n, scale)
+        cpu = default_cpu(scale) if cpu is None else cpu
+        scores = self.decode_and_score(plan, config, data_bin, checkpoint, cpu, work_dir(out))
+        summary = {**result_row(self.name, facts), **scores, "checkpoint": str(checkpoint),
+                   "averaged": [str(p) for p in averaged]}  # fmt: skip
+        atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
+        print(f"{facts['method']} {facts['depth']}L: {self.headline(summary)} -> {out}", flush=True)
+        return summary
+
+    def _evaluate(self, args, extra):
+        inputs = {self._dest(flag): getattr(args, self._dest(flag)) for flag in self.evaluate_inputs()}
+        self.evaluate(args.save_dir, args.data_bin, args.out, args.scale, args.average_last,
+                      True if args.cpu else None, args.config_dir, **inputs)  # fmt: skip
+        return 0
+
+    @staticmethod
+    def _dest(flag):
+        return flag.lstrip("-").replace("-", "_")
+
+    # ---------------------------------------------------------- table
+    def load_results(self, paths):
+        return load_results(paths, self.name, self.result_keys)
+
+    def render_table(self, results, config):
+        """One row per (method, depth, variant, scale) of ours, published rows beside them, by depth then method."""
+        ours = by_row(results, by_scale=True)
+        published = config.get("published") or {}
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows = []  # (sort key, method, layers, source, cells)
+        for p in published.get("rows", []):
+            depth = p.get("depth")
+            source = f"published: {p['label']}" + (f" — {p['note']}" if p.get("note") else "")
+            layers = self.layers(depth) if depth is not None else "unknown"
+            rows.append(((int(depth or 0), order.get(p["method"], 99), 0), p["method"], layers, source,
+                         self.published_cells(p, config)))  # fmt: skip
+        for (method, depth, variant, scale), r in ours.items():
+            source = "ours" + (f" ({variant})" if variant else "") + (f", scale {scale}" if scale else "")
+            rows.append(((depth, order.get(method, 99), 1, variant, scale), method, self.layers(depth), source,
+                         self.result_cells(r, config)))  # fmt: skip
+        rows.sort(key=lambda row: row[0])
+        header = ["Method", "Layers", "Source", *self.columns(config)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for _, method, layers, source, cells in rows:
+            lines.append(f"| {METHOD_NAMES.get(method, method)} | {layers} | {source} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += self.table_notes(list(ours.values()), config)
+        if published.get("source"):
+            lines.append(f"Published numbers: {' '.join(str(published['source']).split())}.")
+        return "\n".join(lines) + "\n"
+
+    def _table(self, args, extra):
+        config = self.load_config(args.config_dir)  # a bad config fails before the results are read
+        print_table(self.render_table(self.load_results(args.results), config), args.out)
+        return 0
+
+    # ---------------------------------------------------------- command line
+    def build_parser(self):
+        parser = argparse.ArgumentParser(
+            prog=self.name, description=self.doc.split("\n\n")[0], epilog=self.doc.split("\n\n", 1)[1],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        parser.add_argument("--config-dir", type=Path, default=self.config_dir, help=f"default: {self.config_dir}")
+        sub = parser.add_subparsers(dest="command", required=True)
+        self.add_prepare_parser(sub)
+
+        p = sub.add_parser("train", help="train one (method, depth) row with fairseq-train")
+        p.add_argument("--method", required=True, choices=METHODS)
+        p.add_argument("--depth", required=True, type=int, choices=self.depths, help=self.depth_help)
+        p.add_argument("--gpus", type=int, help="GPUs per node (0: the CPU); update-freq is derived from it. "
+                       "Required at full scale; --scale runs on the CPU")  # fmt: skip
+        p.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1): more than one writes a "
+                       "per-node torchrun script and an sbatch file into --save-dir instead of training; the tokens "
+                       "per update stay those of the config")  # fmt: skip
+        p.add_argument("--data-bin", required=True, type=Path)
+        p.add_argument("--save-dir", required=True, type=Path)
+        p.add_argument("--scale", choices=("smoke",), help=self.smoke_help)
+        p.add_argument("--max-tokens", type=int,
+                       help=f"per-GPU batch in tokens (default: the config's {self.default_max_tokens})")  # fmt: skip
+        p.add_argument("--dry-run", action="store_true", help="print the fairseq-train command and exit")
+        p.add_argument("--hydra-config", type=Path, metavar="FILE.yaml", help="write the row as a fairseq-hydra-train "
+                       "config instead of training (b2t_fairseq/recipes/hydra_configs.py)")  # fmt: skip
+        p.set_defaults(func=self.train)
+
+        p = sub.add_parser("evaluate", help=self.evaluate_help)
+        p.add_argument("--save-dir", required=True, type=Path)
+        p.add_argument("--data-bin", required=True, type=Path)
+        for flag, options in self.evaluate_inputs().items():
+            p.add_argument(flag, **options)
+        p.add_argument("--out", required=True, type=Path, help="result JSON")
+        p.add_argument("--scale", choices=("smoke",), help=self.eval_smoke_help)
+        p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
+        p.add_argument("--cpu", action="store_true", help=f"{self.device} on the CPU even when a GPU is present")
+        p.set_defaults(func=self._evaluate)
+
+        p = sub.add_parser("table", help=self.table_help)
+        p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
+        p.add_argument("--out", type=Path, help="write the table here too")
+        p.set_defaults(func=self._table)
+        return parser
+
+    def main(self, argv=None):
+        """Run the subcommand of ``argv`` (default: the command line; what follows ``--`` reaches `train` as extra
+        fairseq-train flags); an error the user can fix ends it with one line and exit status 1."""
+        parser = self.build_parser()
+        argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        try:
+            if extra and args.command != "train":
+                raise RecipeError(f"{args.command} takes no extra flags after --")
+            return args.func(args, extra)
+        except (RecipeError, B2TConfigError, OSError) as e:
+            parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
-def add_evaluate_parser(sub, func, help, scale_help, inputs=(), device="decode"):
-    """The ``evaluate`` subcommand: --save-dir, --data-bin, the recipe's own ``inputs`` ({flag: add_argument options}),
-    --out, --scale, --average-last and --cpu ("``device`` on the CPU ...")."""
-    p = sub.add_parser("evaluate", help=help)
-    p.add_argument("--save-dir", required=True, type=Path)
-    p.add_argument("--data-bin", required=True, type=Path)
-    for flag, options in dict(inputs).items():
-        p.add_argument(flag, **options)
-    p.add_argument("--out", required=True, type=Path, help="result JSON")
-    p.add_argument("--scale", choices=("smoke",), help=scale_help)
-    p.add_argument("--average-last", type=int, metavar="N", help="epoch checkpoints to average (default: config's)")
-    p.add_argument("--cpu", action="store_true", help=f"{device} on the CPU even when a GPU is present")
-    p.set_defaults(func=func)
-    return p
-
-
-def add_table_parser(sub, func, help):
-    p = sub.add_parser("table", help=help)
-    p.add_argument("--results", required=True, nargs="+", help="result JSON files or directories holding them")
-    p.add_argument("--out", type=Path, help="write the table here too")
-    p.set_defaults(func=func)
-    return p
-
-
-def run_cli(parser, argv=None):
-    """Run the subcommand of ``argv`` (default: the command line; what follows ``--`` reaches `train` as extra
-    fairseq-train flags); an error the user can fix ends it with one line and exit status 1."""
-    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    try:
-        if extra and args.command != "train":
-            raise RecipeError(f"{args.command} takes no extra flags after --")
-        return args.func(args, extra)
-    except (RecipeError, B2TConfigError, OSError) as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
+def fmt(value):
+    """A score cell: two decimals, or a dash for none."""
+    return "–" if value is None else f"{float(value):.2f}"

@@ -13,7 +13,6 @@ train: fairseq-train with the configs/gigaword/ settings; only --connection diff
 evaluate: average the last epoch checkpoints, fairseq-generate the test split, ROUGE-1/2/L F1 against the raw
 titles, one JSON per run. table: Markdown table of those JSON files. Every stage skips work already done.
 """
-import functools
 import json
 import logging
 import os
@@ -24,17 +23,12 @@ from pathlib import Path
 
 from b2t_fairseq import atomic
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
-    average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
-    load_results as _load_results, print_table, recipe_parser, result_row, run_cli, run_fairseq, subset_pairs,
-    train_command, work_dir, write_launch_scripts, write_recipe_facts,
+    METHODS, PLUGIN_DIR, Recipe, RecipeError, check_data_bin, fmt, run_fairseq, subset_pairs,
 )  # fmt: skip
 from b2t_fairseq.tools import pipeline
 from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "gigaword"
-DEFAULT_CONFIG_DIR = default_config_dir("gigaword")
-DEPTHS = (6, 18)
 SRC, TGT = "article", "title"  # fairseq "languages" of the data-bin
 RELEASE = {  # the files of Rush et al.'s release (summary.tar.gz: sumdata/train/), per split
     "train": ("train.article.txt", "train.title.txt"),
@@ -47,10 +41,6 @@ TEST_CANDIDATES = (("test.article.txt", "test.title.txt"), ("Giga/input.txt", "G
 REFERENCE = "test.reference.txt"  # raw test titles, written into the data-bin by prepare
 PREPARED = "prepared.json"  # provenance of the splits, written into the data-bin by prepare
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
-    return _load_config(config_dir, depth, scale, required=("prepare", "train", "tokens_per_update", "evaluate"))
 
 
 # ------------------------------------------------------------------ prepare
@@ -181,7 +171,7 @@ def binarize(prefix, data_bin):
     return data_bin
 
 
-def prepare(data, out, test_article=None, test_title=None, scale=None, config_dir=DEFAULT_CONFIG_DIR):
+def prepare(data, out, test_article=None, test_title=None, scale=None, config_dir=None):
     config = load_config(config_dir, scale=scale)["prepare"]
     out = Path(out)
     plan = plan_splits(data, int(config["carve_test_pairs"]), test_article, test_title)
@@ -222,29 +212,9 @@ def cmd_prepare(args, extra):
     return 0
 
 
-# ------------------------------------------------------------------ train
-def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                        config_dir=DEFAULT_CONFIG_DIR, nodes=1):  # fmt: skip
-    """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    load = functools.partial(load_config, config_dir)
-    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
-                         nodes=nodes)
-
-
 def read_prepared(data_bin):
     path = Path(data_bin) / PREPARED
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def run_train(args, cmd, info):
-    check_data_bin(args.data_bin)
-    prepared = read_prepared(args.data_bin)
-    info["test_split"] = prepared["test"] if prepared else None
-    write_recipe_facts(args.save_dir, info)
-    if info["nodes"] > 1:
-        return write_launch_scripts(args.save_dir, cmd, info)
-    run_fairseq(cmd)
-    return 0
 
 
 # ------------------------------------------------------------------ evaluate
@@ -321,123 +291,92 @@ def _test_subset(data_bin):
     return src, tgt, len(data_utils.load_indexed_dataset(str(Path(data_bin) / f"test.{src}-{tgt}.{src}"), None))
 
 
-def evaluate(save_dir, data_bin, out, ref=None, scale=None, average_last=None, cpu=None,
-             config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
-    from b2t_fairseq.tools.score import read_lines
-
-    ev = load_config(config_dir, scale=scale)["evaluate"]
-    settings = rouge_settings()  # fails now, not after the decoding, when rouge-score is missing
-    data_bin, save_dir, out = Path(data_bin), Path(save_dir), Path(out)
-    if not save_dir.is_dir():
-        raise RecipeError(f"save dir {save_dir} does not exist")
-    check_data_bin(data_bin, subsets=("test",))
+def _test_split(data_bin, reference, ref_given):
+    """Where the test articles came from: prepare's record, unless the reference was chosen by hand."""
     prepared = read_prepared(data_bin)
-    reference = Path(ref) if ref is not None else data_bin / REFERENCE
-    if not reference.is_file():
-        how = "pass --ref FILE (the raw test titles)" if ref is None else "check --ref"
-        raise RecipeError(f"reference {reference} does not exist; {how}")
-    *pair, n_test = _test_subset(data_bin)
-    n_ref = len(read_lines(str(reference)))
-    if n_ref != n_test:  # checked before the decoding, which takes a while on the full test set
-        raise RecipeError(f"reference {reference} has {n_ref} lines but the test subset of {data_bin} {n_test} pairs")
-    if ref is None and prepared:
-        test_split = prepared["test"]
-    else:  # a reference chosen by hand says nothing about where the test articles came from
-        test_split = {"kind": "by hand", "reference": str(reference.resolve())}
-
-    n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n, scale)
-    cpu = default_cpu(scale) if cpu is None else cpu
-    work = work_dir(out)
-    gen_out = generate(data_bin, pair, checkpoint, ev["generate"], cpu, work)
-    hyp_out = work / "hyp-test.txt"
-    scores = score_generate_output(gen_out, reference, ev["remove_bpe"], hyp_out)
-    summary = {
-        **result_row(PROG, facts),
-        **scores,
-        "n": n_test,
-        "rouge_settings": settings,
-        "test_split": test_split,
-        "reference": str(reference),
-        "hypotheses": str(hyp_out),
-        "checkpoint": str(checkpoint),
-        "averaged": [str(p) for p in inputs],
-        "generate": ev["generate"],
-    }
-    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
-    print(
-        f"{facts['method']} {facts['depth']}L: ROUGE-1 {scores['rouge1']:.2f}, ROUGE-2 {scores['rouge2']:.2f}, "
-        f"ROUGE-L {scores['rougeL']:.2f} on {n_test} pairs -> {out}\ntest = {describe_test(test_split)}"
-    )
-    return summary
+    if not ref_given and prepared:
+        return prepared["test"]
+    return {"kind": "by hand", "reference": str(Path(reference).resolve())}
 
 
-def cmd_evaluate(args, extra):
-    evaluate(args.save_dir, args.data_bin, args.out, args.ref, args.scale, args.average_last,
-             True if args.cpu else None, args.config_dir)  # fmt: skip
-    return 0
-
-
-# ------------------------------------------------------------------ table
-def load_results(paths):
-    return _load_results(paths, PROG, ("method", "depth", *ROUGE_TYPES, "n", "test_split", "rouge_settings"))
-
-
-def render_table(results):
-    if not results:
-        raise RecipeError("no gigaword result JSON among the given files")
-    tests = {json.dumps(r["test_split"], sort_keys=True): r["_path"] for r in results}
-    if len(tests) > 1:
-        raise RecipeError(f"results scored on different test sets ({', '.join(tests.values())}); table them apart")
-    ours = by_row(results, by_scale=True)
-    order = {m: i for i, m in enumerate(METHODS)}
-    lines = ["| Method | Layers | Run | R-1 | R-2 | R-L |", "|---|---|---|---|---|---|"]
-    by_depth_then_method = sorted(ours.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9), kv[0][2:]))
-    for (method, depth, variant, scale), r in by_depth_then_method:
-        run = "; ".join(part for part in (scale and f"scale {scale}", variant) if part) or "recipe settings"
-        cells = [f"{float(r[k]):.2f}" for k in ROUGE_TYPES]
-        lines.append(f"| {METHOD_NAMES.get(method, method)} | {depth}L-{depth}L | {run} | " + " | ".join(cells) + " |")
-    lines.append("")
-    test = results[0]["test_split"]
-    ns = sorted({int(r["n"]) for r in results})
-    lines.append(f"Test set ({'/'.join(map(str, ns))} pairs): {describe_test(test)}.")
-    lines.append(f"Scores: {'; '.join(sorted({r['rouge_settings'] for r in results}))}.")
-    return "\n".join(lines) + "\n"
-
-
-def cmd_table(args, extra):
-    print_table(render_table(load_results(args.results)), args.out)
-    return 0
-
-
-# ------------------------------------------------------------------ CLI
-def build_parser():
-    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
+class Gigaword(Recipe):
+    name, doc, depths = PROG, __doc__, (6, 18)
+    required = ("prepare", "train", "tokens_per_update", "evaluate")
+    result_keys = ("method", "depth", *ROUGE_TYPES, "n", "test_split", "rouge_settings")
     smoke_help = "smoke: small sentencepiece vocabulary and test split, tiny model, a few dozen CPU updates (tests)"
+    eval_smoke_help = "smoke: short decoding, fewer checkpoints averaged"
+    evaluate_help = "average, decode the test split, score ROUGE, write one JSON"
+    table_help = "Markdown table of evaluate results"
+    default_max_tokens = 4096
 
-    p = sub.add_parser("prepare", help="release files -> sentencepiece -> data-bin (+ raw test titles)")
-    p.add_argument("--data", required=True, type=Path, help="directory of train.article.txt, train.title.txt, "
-                   "valid.article.filter.txt, valid.title.filter.txt (summary.tar.gz: sumdata/train)")  # fmt: skip
-    p.add_argument("--out", required=True, type=Path, help="work directory; the data-bin is OUT/data-bin")
-    p.add_argument("--test-article", type=Path, help="test articles (default: test.article.txt, Giga/input.txt or "
-                   "../Giga/input.txt beside the release files; none: carve the test split off valid)")  # fmt: skip
-    p.add_argument("--test-title", type=Path, help="their titles (default: test.title.txt or Giga/task1_ref0.txt)")
-    p.add_argument("--scale", choices=("smoke",), help=smoke_help)
-    p.set_defaults(func=cmd_prepare)
+    def train_facts(self, data_bin):
+        prepared = read_prepared(data_bin)
+        return {"test_split": prepared["test"] if prepared else None}
 
-    add_train_parser(sub, build_train_command, run_train, DEPTHS, "layers in each of encoder and decoder",
-                     smoke_help, 4096)
+    def evaluate_inputs(self):
+        return {"--ref": {"type": Path, "help": f"raw test titles (default: DATA_BIN/{REFERENCE}, written by prepare)"}}
 
-    ref = {"type": Path, "help": f"raw test titles (default: DATA_BIN/{REFERENCE}, written by prepare)"}
-    add_evaluate_parser(sub, cmd_evaluate, "average, decode the test split, score ROUGE, write one JSON",
-                        "smoke: short decoding, fewer checkpoints averaged", {"--ref": ref})
+    def plan_evaluation(self, config, data_bin, ref=None):
+        from b2t_fairseq.tools.score import read_lines
 
-    add_table_parser(sub, cmd_table, "Markdown table of evaluate results")
-    return parser
+        settings = rouge_settings()  # fails now, not after the decoding, when rouge-score is missing
+        check_data_bin(data_bin, subsets=("test",))
+        reference = Path(ref) if ref is not None else data_bin / REFERENCE
+        if not reference.is_file():
+            how = "pass --ref FILE (the raw test titles)" if ref is None else "check --ref"
+            raise RecipeError(f"reference {reference} does not exist; {how}")
+        *pair, n_test = _test_subset(data_bin)
+        n_ref = len(read_lines(str(reference)))
+        if n_ref != n_test:  # checked before the decoding, which takes a while on the full test set
+            raise RecipeError(f"reference {reference} has {n_ref} lines but the test subset of {data_bin} {n_test} pairs")
+        return {"pair": pair, "n": n_test, "reference": reference, "settings": settings,
+                "test_split": _test_split(data_bin, reference, ref is not None)}  # fmt: skip
+
+    def decode_and_score(self, plan, config, data_bin, checkpoint, cpu, work):
+        ev = config["evaluate"]
+        gen_out = generate(data_bin, plan["pair"], checkpoint, ev["generate"], cpu, work)
+        hyp_out = work / "hyp-test.txt"
+        scores = score_generate_output(gen_out, plan["reference"], ev["remove_bpe"], hyp_out)
+        return {**scores, "n": plan["n"], "rouge_settings": plan["settings"], "test_split": plan["test_split"],
+                "reference": str(plan["reference"]), "hypotheses": str(hyp_out), "generate": ev["generate"]}  # fmt: skip
+
+    def headline(self, summary):
+        return (f"ROUGE-1 {summary['rouge1']:.2f}, ROUGE-2 {summary['rouge2']:.2f}, ROUGE-L {summary['rougeL']:.2f} "
+                f"on {summary['n']} pairs; test = {describe_test(summary['test_split'])}")  # fmt: skip
+
+    def columns(self, config):
+        return ["R-1", "R-2", "R-L"]
+
+    def result_cells(self, result, config):
+        return [fmt(result[k]) for k in ROUGE_TYPES]
+
+    def published_cells(self, row, config):
+        return [fmt(row.get(k)) for k in ROUGE_TYPES]
+
+    def table_notes(self, results, config):
+        tests = {json.dumps(r["test_split"], sort_keys=True): r["_path"] for r in results}
+        if len(tests) > 1:
+            raise RecipeError(f"results scored on different test sets ({', '.join(tests.values())}); table them apart")
+        ns = sorted({int(r["n"]) for r in results})
+        return [f"Test set ({'/'.join(map(str, ns))} pairs): {describe_test(results[0]['test_split'])}.",
+                f"Scores: {'; '.join(sorted({r['rouge_settings'] for r in results}))}."]  # fmt: skip
+
+    def add_prepare_parser(self, sub):
+        p = sub.add_parser("prepare", help="release files -> sentencepiece -> data-bin (+ raw test titles)")
+        p.add_argument("--data", required=True, type=Path, help="directory of train.article.txt, train.title.txt, "
+                       "valid.article.filter.txt, valid.title.filter.txt (summary.tar.gz: sumdata/train)")  # fmt: skip
+        p.add_argument("--out", required=True, type=Path, help="work directory; the data-bin is OUT/data-bin")
+        p.add_argument("--test-article", type=Path, help="test articles (default: test.article.txt, Giga/input.txt or "
+                       "../Giga/input.txt beside the release files; none: carve the test split off valid)")  # fmt: skip
+        p.add_argument("--test-title", type=Path, help="their titles (default: test.title.txt or Giga/task1_ref0.txt)")
+        p.add_argument("--scale", choices=("smoke",), help=self.smoke_help)
+        p.set_defaults(func=cmd_prepare)
 
 
-def main(argv=None):
-    return run_cli(build_parser(), argv)
+RECIPE = Gigaword()
+DEFAULT_CONFIG_DIR, DEPTHS = RECIPE.config_dir, RECIPE.depths
+load_config, build_train_command, evaluate = RECIPE.load_config, RECIPE.build_train_command, RECIPE.evaluate
+load_results, render_table, build_parser, main = RECIPE.load_results, RECIPE.render_table, RECIPE.build_parser, RECIPE.main
 
 
 if __name__ == "__main__":

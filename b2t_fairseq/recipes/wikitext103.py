@@ -16,8 +16,6 @@ as subprocesses: importing this package has already imported fairseq (about 7 s 
 subprocess would pay that again. The printed commands are the equivalent command lines.
 """
 import contextlib
-import functools
-import json
 import logging
 import re
 import shlex
@@ -31,16 +29,11 @@ import numpy as np
 from b2t_fairseq import atomic
 from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RESERVED_EXTRA, RecipeError, add_evaluate_parser, add_table_parser,
-    add_train_parser, average_run, by_row, default_config_dir, default_cpu, fairseq_errors,
-    load_config as _load_config, load_results as _load_results, print_table, recipe_parser, result_row, run_cli,
-    run_fairseq, train_command, work_dir, write_launch_scripts, write_recipe_facts,
+    METHODS, PLUGIN_DIR, RESERVED_EXTRA, Recipe, RecipeError, fairseq_errors, fmt, run_fairseq,
 )  # fmt: skip
 from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "wikitext103"
-DEFAULT_CONFIG_DIR = default_config_dir("wikitext103")
-DEPTHS = (16, 32)
 SPLITS = ("train", "valid", "test")
 RAW_FILE = "wiki.{}.tokens"  # the names in the WikiText-103 release (wikitext-103-v1.zip -> wikitext-103/)
 RESERVED = {**RESERVED_EXTRA, "--decoder-layers": "--depth (or the depth's config file)"}
@@ -100,42 +93,6 @@ def cmd_prepare(args, extra):
     if args.workers < 1:
         raise RecipeError(f"--workers must be >= 1, not {args.workers}")
     prepare(args.raw_dir, args.data_bin, args.workers)
-    return 0
-
-
-# ------------------------------------------------------------------ train
-def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
-    return _load_config(config_dir, depth, scale)
-
-
-def _load_train_config(config_dir, depth, scale):
-    """load_config, refusing a depth file whose model has another number of layers than its name."""
-    config = load_config(config_dir, depth, scale)
-    train = config["train"]
-    if scale is None and int(train.get("decoder-layers", -1)) != int(depth):
-        raise RecipeError(f"{depth}l.yaml must set decoder-layers: {depth}, not {train.get('decoder-layers')}")
-    return config
-
-
-def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                        config_dir=DEFAULT_CONFIG_DIR, nodes=1):  # fmt: skip
-    """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    if method in CONNECTIONS and not CONNECTIONS[method].decoder_only:
-        raise RecipeError(
-            f"--method {method} defines its initialisation for encoder-decoder models only, so the language-model "
-            "recipe cannot train it; choose another --method"
-        )
-    load = functools.partial(_load_train_config, config_dir)
-    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
-                         reserved=RESERVED, nodes=nodes)  # fmt: skip
-
-
-def run_train(args, cmd, info):
-    check_data_bin(args.data_bin, ("train", "valid"))
-    write_recipe_facts(args.save_dir, info)
-    if info["nodes"] > 1:
-        return write_launch_scripts(args.save_dir, cmd, info)
-    run_fairseq(cmd)
     return 0
 
 
@@ -212,112 +169,84 @@ def eval_lm(data_bin, checkpoint, subset, flags, cpu, log):
     return {"ppl": ppl, "loss_base2": loss, "tokens": tokens, "log": str(log)}
 
 
-def evaluate(save_dir, data_bin, out, scale=None, average_last=None, cpu=None, config_dir=DEFAULT_CONFIG_DIR):
-    config = load_config(config_dir, scale=scale)
-    ev = config["evaluate"]
-    subsets = list(ev["subsets"])
-    save_dir, out = Path(save_dir), Path(out)
-    if not save_dir.is_dir():
-        raise RecipeError(f"save dir {save_dir} does not exist")
-    check_data_bin(data_bin, subsets)
-    n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n, scale)
-    cpu = default_cpu(scale) if cpu is None else cpu
-    work = work_dir(out)
-    per_subset = {}
-    for subset in subsets:
-        result = eval_lm(data_bin, checkpoint, subset, ev["eval_lm"], cpu, work / f"eval-lm-{subset}.log")
-        print(f"{subset}: perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens", flush=True)
-        per_subset[subset] = result
-    summary = {
-        **result_row(PROG, facts),
-        "valid_ppl": per_subset.get("valid", {}).get("ppl"),
-        "test_ppl": per_subset.get("test", {}).get("ppl"),
-        "subsets": per_subset,
-        "checkpoint": str(checkpoint),
-        "averaged": [str(p) for p in inputs],
-        "eval_settings": {"tool": "fairseq-eval-lm", **ev["eval_lm"], "cpu": cpu},
-    }
-    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
-    print(f"{facts['method']} {facts['depth']}L: valid {summary['valid_ppl']} / test {summary['test_ppl']} -> {out}")
-    return summary
-
-
-def cmd_evaluate(args, extra):
-    evaluate(args.save_dir, args.data_bin, args.out, args.scale, args.average_last, True if args.cpu else None,
-             args.config_dir)  # fmt: skip
-    return 0
-
-
-# ------------------------------------------------------------------ table
-def load_results(paths):
-    return _load_results(paths, PROG, ("method", "depth", "valid_ppl", "test_ppl", "eval_settings"))
-
-
-def _fmt(value):
-    return "–" if value is None else f"{float(value):.2f}"
-
-
 def _settings(result):
     s = dict(result["eval_settings"])
     return f"{s.pop('tool', 'fairseq-eval-lm')} {shlex.join(as_flags({k: v for k, v in s.items() if k != 'cpu'}))}"
 
 
-def render_table(results, config):
-    published = config.get("published", {})
-    ours = by_row(results)
-    order = {m: i for i, m in enumerate(METHODS)}
-    rows = []  # (sort key, method, layers, source, cells)
-    for p in published.get("rows", []):
-        depth = p.get("depth")
+class WikiText103(Recipe):
+    name, doc, depths = PROG, __doc__, (16, 32)
+    depth_help = "decoder layers"
+    eval_smoke_help = "smoke: the short context of the smoke model"
+    evaluate_help = "average, run fairseq-eval-lm on valid and test, write one JSON"
+    device = "evaluate"
+    default_max_tokens = 3072
+    result_keys = ("method", "depth", "valid_ppl", "test_ppl", "eval_settings")
+    reserved = RESERVED
+
+    def check_data(self, data_bin, subsets):
+        check_data_bin(data_bin, subsets)
+
+    def check_row(self, config, method, depth, scale):
+        if method in CONNECTIONS and not CONNECTIONS[method].decoder_only:
+            raise RecipeError(
+                f"--method {method} defines its initialisation for encoder-decoder models only, so the language-model "
+                "recipe cannot train it; choose another --method"
+            )
+        train = config["train"]
+        if scale is None and int(train.get("decoder-layers", -1)) != int(depth):
+            raise RecipeError(f"{depth}l.yaml must set decoder-layers: {depth}, not {train.get('decoder-layers')}")
+
+    def plan_evaluation(self, config, data_bin):
+        subsets = list(config["evaluate"]["subsets"])
+        check_data_bin(data_bin, subsets)
+        return subsets
+
+    def decode_and_score(self, subsets, config, data_bin, checkpoint, cpu, work):
+        ev = config["evaluate"]
+        per_subset = {}
+        for subset in subsets:
+            result = eval_lm(data_bin, checkpoint, subset, ev["eval_lm"], cpu, work / f"eval-lm-{subset}.log")
+            print(f"{subset}: perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens", flush=True)
+            per_subset[subset] = result
+        return {
+            "valid_ppl": per_subset.get("valid", {}).get("ppl"),
+            "test_ppl": per_subset.get("test", {}).get("ppl"),
+            "subsets": per_subset,
+            "eval_settings": {"tool": "fairseq-eval-lm", **ev["eval_lm"], "cpu": cpu},
+        }
+
+    def headline(self, summary):
+        return f"valid {summary['valid_ppl']} / test {summary['test_ppl']}"
+
+    def columns(self, config):
+        return ["Valid PPL", "Test PPL"]
+
+    def result_cells(self, result, config):
+        return [fmt(result["valid_ppl"]), fmt(result["test_ppl"])]
+
+    def published_cells(self, row, config):
         # published values as printed in the source, without padding them to a precision it does not give
-        cells = ["–" if p.get(k) is None else str(p[k]) for k in ("valid", "test")]
-        source = f"published: {p['label']}" + (f" — {p['note']}" if p.get("note") else "")
-        layers = f"{depth}L" if depth is not None else "unknown"
-        rows.append(((depth or 0, order.get(p["method"], 9), 0), p["method"], layers, source, cells))
-    for (method, depth, variant), r in ours.items():
-        source = "ours" + (f" ({variant})" if variant else "") + (f", scale {r['scale']}" if r.get("scale") else "")
-        cells = [_fmt(r["valid_ppl"]), _fmt(r["test_ppl"])]
-        rows.append(((depth, order.get(method, 9), 1), method, f"{depth}L", source, cells))
-    rows.sort(key=lambda row: row[0])
-    lines = ["| Method | Layers | Source | Valid PPL | Test PPL |", "|---|---|---|---|---|"]
-    for _, method, layers, source, cells in rows:
-        lines.append(f"| {METHOD_NAMES.get(method, method)} | {layers} | {source} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Perplexity (ours): {'; '.join(sorted({_settings(r) for r in ours.values()}))}")
-    if published.get("source"):
-        lines.append(f"Published numbers: {' '.join(str(published['source']).split())}.")
-    return "\n".join(lines) + "\n"
+        return ["–" if row.get(k) is None else str(row[k]) for k in ("valid", "test")]
+
+    def layers(self, depth):
+        return f"{depth}L"
+
+    def table_notes(self, results, config):
+        return [f"Perplexity (ours): {'; '.join(sorted({_settings(r) for r in results}))}"]
+
+    def add_prepare_parser(self, sub):
+        p = sub.add_parser("prepare", help="binarize wiki.{train,valid,test}.tokens with fairseq-preprocess --only-source")
+        p.add_argument("--raw-dir", required=True, type=Path, help="directory holding wiki.{train,valid,test}.tokens")
+        p.add_argument("--data-bin", required=True, type=Path, help="output directory (skipped when already complete)")
+        p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess worker processes (default: 1)")
+        p.set_defaults(func=cmd_prepare)
 
 
-def cmd_table(args, extra):
-    config = load_config(args.config_dir)
-    print_table(render_table(load_results(args.results), config), args.out)
-    return 0
-
-
-# ------------------------------------------------------------------ CLI
-def build_parser():
-    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
-
-    p = sub.add_parser("prepare", help="binarize wiki.{train,valid,test}.tokens with fairseq-preprocess --only-source")
-    p.add_argument("--raw-dir", required=True, type=Path, help="directory holding wiki.{train,valid,test}.tokens")
-    p.add_argument("--data-bin", required=True, type=Path, help="output directory (skipped when already complete)")
-    p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess worker processes (default: 1)")
-    p.set_defaults(func=cmd_prepare)
-
-    smoke_help = "smoke: tiny model, a few dozen CPU updates (tests)"
-    add_train_parser(sub, build_train_command, run_train, DEPTHS, "decoder layers", smoke_help, 3072)
-
-    add_evaluate_parser(sub, cmd_evaluate, "average, run fairseq-eval-lm on valid and test, write one JSON",
-                        "smoke: the short context of the smoke model", device="evaluate")
-
-    add_table_parser(sub, cmd_table, "Markdown table of evaluate results beside the published numbers")
-    return parser
-
-
-def main(argv=None):
-    return run_cli(build_parser(), argv)
+RECIPE = WikiText103()
+DEFAULT_CONFIG_DIR, DEPTHS = RECIPE.config_dir, RECIPE.depths
+load_config, build_train_command, evaluate = RECIPE.load_config, RECIPE.build_train_command, RECIPE.evaluate
+load_results, render_table, build_parser, main = RECIPE.load_results, RECIPE.render_table, RECIPE.build_parser, RECIPE.main
 
 
 if __name__ == "__main__":

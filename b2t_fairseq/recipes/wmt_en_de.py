@@ -11,7 +11,6 @@
 Hyperparameters live in configs/wmt_en_de/*.yaml (base + 6l/18l/100l, + smoke for --scale smoke); this file
 only combines them. Every method gets the same flags; --method only sets --connection.
 """
-import functools
 import json
 import shlex
 import subprocess
@@ -20,16 +19,11 @@ from pathlib import Path
 
 from b2t_fairseq import atomic
 from b2t_fairseq.recipes.common import (
-    METHOD_NAMES, METHODS, PLUGIN_DIR, RecipeError, add_evaluate_parser, add_table_parser, add_train_parser,
-    average_run, by_row, check_data_bin, default_config_dir, default_cpu, load_config as _load_config,
-    load_results as _load_results, print_table, recipe_parser, result_row, run_cli, subset_pairs, train_command,
-    work_dir, write_launch_scripts, write_recipe_facts,
+    METHODS, PLUGIN_DIR, Recipe, RecipeError, check_data_bin, fmt, subset_pairs,
 )  # fmt: skip
 from b2t_fairseq.tools.pipeline import as_flags
 
 PROG = "wmt_en_de"
-DEFAULT_CONFIG_DIR = default_config_dir("wmt_en_de")
-DEPTHS = (6, 18, 100)
 
 
 # ------------------------------------------------------------------ prepare
@@ -110,7 +104,7 @@ def _sacrebleu_refs(test_set, langpair):
 
 
 def prepare(out, release=None, archive=None, download=False, refs=None, fetch_refs=False, years=None, workers=1,
-            config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
+            config_dir=None):  # fmt: skip
     """Binarize the release into ``out``/data-bin (subsets test{year}) and put raw references in ``out``/refs.
 
     Every input is checked before anything is written, and each stage is skipped when its output exists, so a
@@ -205,24 +199,6 @@ def cmd_prepare(args, extra):
     return 0
 
 
-def build_train_command(method, depth, gpus, data_bin, save_dir, scale=None, extra=(), max_tokens=None,
-                        config_dir=DEFAULT_CONFIG_DIR, nodes=1):  # fmt: skip
-    """(fairseq-train argv, facts for recipe.json). Pure: touches no file but the configs."""
-    load = functools.partial(load_config, config_dir)
-    return train_command(PROG, DEPTHS, load, method, depth, gpus, data_bin, save_dir, scale, extra, max_tokens,
-                         nodes=nodes)
-
-
-def run_train(args, cmd, info):
-    check_data_bin(args.data_bin)
-    write_recipe_facts(args.save_dir, info)
-    if info["nodes"] > 1:
-        return write_launch_scripts(args.save_dir, cmd, info)
-    print("+", info["command"], flush=True)
-    # the printed command, run by this interpreter: fairseq-train need not be on PATH
-    return subprocess.run([sys.executable, "-m", "fairseq_cli.train", *cmd[1:]]).returncode
-
-
 # ------------------------------------------------------------------ evaluate
 def _parse_mapping(items, what):
     mapping = {}
@@ -265,173 +241,115 @@ def score_file(generate_output, reference, ev, hyp_output):
     return scorer.score(hyps, refs, ev.get("tokenize", "13a"))
 
 
-def evaluate(save_dir, data_bin, out, refs=None, years=None, subsets=(), ref_files=(), scale=None, average_last=None,
-             cpu=None, config_dir=DEFAULT_CONFIG_DIR):  # fmt: skip
-    config = load_config(config_dir, scale=scale)
-    ev = config["evaluate"]
-    years = [int(y) for y in (years or ev["years"])]
-    subset_map = _parse_mapping(subsets, "--subset")
-    ref_map = _parse_mapping(ref_files, "--ref")
-    data_bin, save_dir, out = Path(data_bin), Path(save_dir), Path(out)
-    if not save_dir.is_dir():
-        raise RecipeError(f"save dir {save_dir} does not exist")
-    check_data_bin(data_bin, subsets=())
+class WmtEnDe(Recipe):
+    name, doc, depths = PROG, __doc__, (6, 18, 100)
+    result_keys = ("method", "depth", "bleu", "avg", "signature")
+    eval_smoke_help = "smoke: no BPE removal or detokenization, short decoding"
+    evaluate_help = "average, decode newstest20xx, score with SacreBLEU, write one JSON"
+    default_max_tokens = 3584
 
-    stray = sorted((set(subset_map) | set(ref_map)) - set(years))
-    if stray:
-        raise RecipeError(f"--subset/--ref given for {stray}, which are not among the years {years}")
-    # Check every input before the (long) decoding, so a typo fails in a second, not after six years of output.
-    plan = []
-    for year in years:
-        subset = subset_map.get(year, f"test{year}")
-        pairs = subset_pairs(data_bin, subset)
-        if not pairs:
-            hint = "" if year in subset_map else f" (map it with --subset {year}=SUBSET, e.g. test, test1, ...)"
-            raise RecipeError(f"{data_bin} has no subset '{subset}' for {year}{hint}")
-        if len(pairs) > 1:
-            raise RecipeError(f"subset '{subset}' exists for several language pairs in {data_bin}: {sorted(pairs)}")
-        src, tgt = next(iter(pairs))
-        if year in ref_map:
-            reference = Path(ref_map[year])
-        elif refs is not None:
-            reference = Path(refs) / ev["ref_pattern"].format(year=year)
-        else:
-            raise RecipeError(f"no reference for {year}: pass --refs DIR or --ref {year}=FILE")
-        if not reference.is_file():
-            raise RecipeError(f"reference {reference} for {year} does not exist")
-        plan.append((year, subset, src, tgt, reference))
-
-    n = int(average_last or ev["average_last_epochs"])
-    checkpoint, inputs, facts = average_run(save_dir, n, scale)
-    cpu = default_cpu(scale) if cpu is None else cpu
-    work = work_dir(out)
-    per_year = {}
-    for year, subset, src, tgt, reference in plan:
-        lenpen = lenpen_for(config, year)
-        gen_out = work / f"generate-{year}.txt"
-        generate(data_bin, checkpoint, subset, src, tgt, lenpen, ev.get("generate", {}), cpu, gen_out)
-        result = score_file(gen_out, reference, ev, work / f"hyp-{year}.detok.txt")
-        per_year[str(year)] = {
-            "bleu": result["bleu"], "subset": subset, "reference": str(reference), "lenpen": lenpen, "n": result["n"],
-            "score_string": result["score_string"],
+    def evaluate_inputs(self):
+        return {
+            "--refs": {"type": Path, "help": "directory of raw references named as the config's ref_pattern"},
+            "--ref": {"action": "append", "metavar": "YEAR=FILE", "help": "reference file for one year (repeatable)"},
+            "--subset": {"action": "append", "metavar": "YEAR=SUBSET",
+                         "help": "binarized subset holding a year (default: test{YEAR}); fairseq-preprocess --testpref "
+                                 "a,b,c names them test, test1, test2, ..."},
+            "--years": {"nargs": "+", "type": int, "help": "default: the config's (2010 ... 2016)"},
         }  # fmt: skip
-        print(f"{year}: {result['score_string']}", flush=True)
-        signature = result["signature"]
-    bleus = [v["bleu"] for v in per_year.values()]
-    summary = {
-        **result_row(PROG, facts),
-        "bleu": {y: v["bleu"] for y, v in per_year.items()},
-        "avg": sum(bleus) / len(bleus),
-        "years": per_year,
-        "signature": signature,
-        "checkpoint": str(checkpoint),
-        "averaged": [str(p) for p in inputs],
-        "postprocess": {"remove_bpe": ev["remove_bpe"], "detok_lang": ev.get("detok_lang")},
-    }
-    atomic.write_text(out, json.dumps(summary, indent=2) + "\n")
-    print(f"{facts['method']} {facts['depth']}L: avg BLEU {summary['avg']:.2f} over {len(bleus)} year(s) -> {out}")
-    return summary
+
+    def plan_evaluation(self, config, data_bin, refs=None, ref=None, subset=None, years=None):
+        """(year, subset, src, tgt, reference) of every year, each checked before the (long) decoding, so a typo
+        fails in a second, not after six years of output."""
+        ev = config["evaluate"]
+        years = [int(y) for y in (years or ev["years"])]
+        subset_map, ref_map = _parse_mapping(subset, "--subset"), _parse_mapping(ref, "--ref")
+        check_data_bin(data_bin, subsets=())
+        stray = sorted((set(subset_map) | set(ref_map)) - set(years))
+        if stray:
+            raise RecipeError(f"--subset/--ref given for {stray}, which are not among the years {years}")
+        plan = []
+        for year in years:
+            name = subset_map.get(year, f"test{year}")
+            pairs = subset_pairs(data_bin, name)
+            if not pairs:
+                hint = "" if year in subset_map else f" (map it with --subset {year}=SUBSET, e.g. test, test1, ...)"
+                raise RecipeError(f"{data_bin} has no subset '{name}' for {year}{hint}")
+            if len(pairs) > 1:
+                raise RecipeError(f"subset '{name}' exists for several language pairs in {data_bin}: {sorted(pairs)}")
+            src, tgt = next(iter(pairs))
+            if year in ref_map:
+                reference = Path(ref_map[year])
+            elif refs is not None:
+                reference = Path(refs) / ev["ref_pattern"].format(year=year)
+            else:
+                raise RecipeError(f"no reference for {year}: pass --refs DIR or --ref {year}=FILE")
+            if not reference.is_file():
+                raise RecipeError(f"reference {reference} for {year} does not exist")
+            plan.append((year, name, src, tgt, reference))
+        return plan
+
+    def decode_and_score(self, plan, config, data_bin, checkpoint, cpu, work):
+        ev = config["evaluate"]
+        per_year = {}
+        for year, subset, src, tgt, reference in plan:
+            lenpen = lenpen_for(config, year)
+            gen_out = work / f"generate-{year}.txt"
+            generate(data_bin, checkpoint, subset, src, tgt, lenpen, ev.get("generate", {}), cpu, gen_out)
+            result = score_file(gen_out, reference, ev, work / f"hyp-{year}.detok.txt")
+            per_year[str(year)] = {
+                "bleu": result["bleu"], "subset": subset, "reference": str(reference), "lenpen": lenpen,
+                "n": result["n"], "score_string": result["score_string"],
+            }  # fmt: skip
+            print(f"{year}: {result['score_string']}", flush=True)
+        bleus = [v["bleu"] for v in per_year.values()]
+        return {
+            "bleu": {y: v["bleu"] for y, v in per_year.items()},
+            "avg": sum(bleus) / len(bleus),
+            "years": per_year,
+            "signature": result["signature"],
+            "postprocess": {"remove_bpe": ev["remove_bpe"], "detok_lang": ev.get("detok_lang")},
+        }
+
+    def headline(self, summary):
+        return f"avg BLEU {summary['avg']:.2f} over {len(summary['bleu'])} year(s)"
+
+    def columns(self, config):
+        return [*map(str, config["evaluate"]["years"]), "Avg"]
+
+    def result_cells(self, result, config):
+        years = [str(y) for y in config["evaluate"]["years"]]
+        partial = "†" if any(y not in result["bleu"] for y in years) else ""
+        return [fmt(result["bleu"].get(y)) for y in years] + [fmt(result["avg"]) + partial]
+
+    def published_cells(self, row, config):
+        bleu = row.get("bleu") or {}
+        return [fmt(bleu.get(y, bleu.get(str(y)))) for y in config["evaluate"]["years"]] + [fmt(row.get("avg"))]
+
+    def table_notes(self, results, config):
+        notes = [f"SacreBLEU signature (ours): {'; '.join(sorted({r['signature'] for r in results}))}"]
+        years = [str(y) for y in config["evaluate"]["years"]]
+        if any(y not in r["bleu"] for r in results for y in years):
+            notes.append("† average over the evaluated years only; the published Avg is over all seven.")
+        return notes
+
+    def add_prepare_parser(self, sub):
+        p = sub.add_parser("prepare", help="WMT'16 release -> data-bin (test2010 ... test2016) + raw references")
+        p.add_argument("--out", required=True, type=Path, help="writes OUT/data-bin, OUT/refs, OUT/prepare.json")
+        p.add_argument("--release", type=Path, help="extracted wmt16_en_de.tar.gz (train.tok.clean.bpe.32000.*, ...)")
+        p.add_argument("--archive", type=Path, help="wmt16_en_de.tar.gz, downloaded by hand")
+        p.add_argument("--download", action="store_true", help="fetch the archive from the config's download_url")
+        p.add_argument("--refs", type=Path, help="directory of raw references newstest{YEAR}.de (offline)")
+        p.add_argument("--fetch-refs", action="store_true", help="let sacrebleu download the raw references")
+        p.add_argument("--years", nargs="+", type=int, help="default: the config's (2010 ... 2016)")
+        p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
+        p.set_defaults(func=cmd_prepare)
 
 
-def cmd_evaluate(args, extra):
-    evaluate(args.save_dir, args.data_bin, args.out, args.refs, args.years, args.subset, args.ref, args.scale,
-             args.average_last, True if args.cpu else None, args.config_dir)  # fmt: skip
-    return 0
-
-
-# ------------------------------------------------------------------ table
-def load_config(config_dir=DEFAULT_CONFIG_DIR, depth=None, scale=None):
-    return _load_config(config_dir, depth, scale)
-
-
-def load_results(paths):
-    return _load_results(paths, PROG, ("method", "depth", "bleu", "avg", "signature"))
-
-
-def _fmt(value):
-    return "–" if value is None else f"{float(value):.2f}"
-
-
-def render_table(results, config):
-    years = [int(y) for y in config["evaluate"]["years"]]
-    published = config.get("published", {})
-    ours = by_row(results)
-    rows = []  # (sort key, cells)
-    order = {m: i for i, m in enumerate(METHODS)}
-    footnotes = []
-    for p in published.get("rows", []):
-        bleu = p.get("bleu") or {}
-        cells = [_fmt(bleu.get(y, bleu.get(str(y)))) for y in years] + [_fmt(p.get("avg"))]
-        source = f"published: {p['label']}" + (f" — {p['note']}" if p.get("note") else "")
-        rows.append(((int(p["depth"]), order.get(p["method"], 9), 0), p["method"], int(p["depth"]), source, cells))
-    for (method, depth, variant), r in ours.items():
-        bleu = r["bleu"]
-        cells = [_fmt(bleu.get(str(y))) for y in years]
-        avg = _fmt(r["avg"])
-        missing = [y for y in years if str(y) not in bleu]
-        if missing:
-            avg += "†"
-            if "†" not in "".join(footnotes):
-                footnotes.append("† average over the evaluated years only; the published Avg is over all seven.")
-        source = "ours" + (f" ({variant})" if variant else "") + (f", scale {r['scale']}" if r.get("scale") else "")
-        rows.append(((depth, order.get(method, 9), 1), method, depth, source, cells + [avg]))
-    rows.sort(key=lambda row: row[0])
-    header = ["Method", "Layers", "Source", *map(str, years), "Avg"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, method, depth, source, cells in rows:
-        name = METHOD_NAMES.get(method, method)
-        lines.append(f"| {name} | {depth}L-{depth}L | {source} | " + " | ".join(cells) + " |")
-    lines.append("")
-    signatures = sorted({r["signature"] for r in ours.values()})
-    lines.append(f"SacreBLEU signature (ours): {'; '.join(signatures)}")
-    if published.get("source"):
-        lines.append(f"Published numbers: {' '.join(str(published['source']).split())}.")
-    lines += footnotes
-    return "\n".join(lines) + "\n"
-
-
-def cmd_table(args, extra):
-    config = load_config(args.config_dir)
-    print_table(render_table(load_results(args.results), config), args.out)
-    return 0
-
-
-# ------------------------------------------------------------------ CLI
-def build_parser():
-    parser, sub = recipe_parser(PROG, __doc__, DEFAULT_CONFIG_DIR)
-
-    p = sub.add_parser("prepare", help="WMT'16 release -> data-bin (test2010 ... test2016) + raw references")
-    p.add_argument("--out", required=True, type=Path, help="writes OUT/data-bin, OUT/refs, OUT/prepare.json")
-    p.add_argument("--release", type=Path, help="extracted wmt16_en_de.tar.gz (train.tok.clean.bpe.32000.*, ...)")
-    p.add_argument("--archive", type=Path, help="wmt16_en_de.tar.gz, downloaded by hand")
-    p.add_argument("--download", action="store_true", help="fetch the archive from the config's download_url")
-    p.add_argument("--refs", type=Path, help="directory of raw references newstest{YEAR}.de (offline)")
-    p.add_argument("--fetch-refs", action="store_true", help="let sacrebleu download the raw references")
-    p.add_argument("--years", nargs="+", type=int, help="default: the config's (2010 ... 2016)")
-    p.add_argument("--workers", type=int, default=1, help="fairseq-preprocess workers")
-    p.set_defaults(func=cmd_prepare)
-
-    smoke_help = "smoke: tiny model, a few dozen CPU updates (tests)"
-    add_train_parser(sub, build_train_command, run_train, DEPTHS, "layers in each of encoder and decoder",
-                     smoke_help, 3584)
-
-    inputs = {
-        "--refs": {"type": Path, "help": "directory of raw references named as the config's ref_pattern"},
-        "--ref": {"action": "append", "metavar": "YEAR=FILE", "help": "reference file for one year (repeatable)"},
-        "--subset": {"action": "append", "metavar": "YEAR=SUBSET",
-                     "help": "binarized subset holding a year (default: test{YEAR}); fairseq-preprocess --testpref "
-                             "a,b,c names them test, test1, test2, ..."},
-        "--years": {"nargs": "+", "type": int, "help": "default: the config's (2010 ... 2016)"},
-    }  # fmt: skip
-    add_evaluate_parser(sub, cmd_evaluate, "average, decode newstest20xx, score with SacreBLEU, write one JSON",
-                        "smoke: no BPE removal or detokenization, short decoding", inputs)
-
-    add_table_parser(sub, cmd_table, "Markdown table of evaluate results beside the published numbers")
-    return parser
-
-
-def main(argv=None):
-    return run_cli(build_parser(), argv)
+RECIPE = WmtEnDe()
+DEFAULT_CONFIG_DIR, DEPTHS = RECIPE.config_dir, RECIPE.depths
+load_config, build_train_command, evaluate = RECIPE.load_config, RECIPE.build_train_command, RECIPE.evaluate
+load_results, render_table, build_parser, main = RECIPE.load_results, RECIPE.render_table, RECIPE.build_parser, RECIPE.main
 
 
 if __name__ == "__main__":
