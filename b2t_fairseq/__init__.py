@@ -30,6 +30,7 @@ errors.install_excepthook()
 run_safety.install()
 options.install_shared_name_handling()
 
-from b2t_fairseq.models import transformer_b2t, transformer_lm_b2t  # noqa: E402,F401  (registers models)
+# registers the models
+from b2t_fairseq.models import s2t_transformer_b2t, transformer_b2t, transformer_lm_b2t  # noqa: E402,F401
 
 __version__ = "0.1.0"

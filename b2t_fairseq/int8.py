@@ -41,11 +41,13 @@ def quantize_for_cpu_decoding(model, scope):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     stacks = ["decoder"] + (["encoder"] if scope == "all" and getattr(model, "encoder", None) is not None else [])
+    # found by identity, not by name: a stack may register its layers under another name (the speech encoder's
+    # are fairseq's ``transformer_layers``)
+    inside = {id(module) for stack in stacks for module in model.get_submodule(f"{stack}.layers").modules()}
     targets = [
-        f"{stack}.layers.{name}"
-        for stack in stacks
-        for name, module in model.get_submodule(f"{stack}.layers").named_modules()
-        if isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
+        name
+        for name, module in model.named_modules()
+        if id(module) in inside and isinstance(module, nn.Linear) and not name.endswith(KEEP_FLOAT)
     ]
     if isinstance(getattr(model.decoder, "output_projection", None), nn.Linear):
         targets.append("decoder.output_projection")

@@ -39,12 +39,32 @@ class _LayerCalls:
             return checkpoint(layer, *args, use_reentrant=False, **kwargs)
 
 
+class ConnectedEncoderLoop(_LayerCalls):
+    """The layer loop of an encoder (text or speech): the method's stack hooks around every layer call.
+
+    The stack has ``connection``, ``layers`` (ConnectedEncoderLayer) and ``layer_norm`` (None unless the method
+    has ``final_norm``)."""
+
+    def run_layers(self, x, padding_mask: Optional[Tensor], states: Optional[List[Tensor]] = None):
+        """``x`` (T x B x C) through every layer and the method's end of the stack; each layer's output is
+        appended to ``states`` when given."""
+        connection = self.connection
+        x, carry = connection.begin(self, x)
+        for index, layer in enumerate(self.layers):
+            x = connection.layer_input(self, index, x, carry)
+            x, carry = self._call_layer(layer, x, padding_mask, carry=carry)
+            carry = connection.layer_output(self, index, x, carry)
+            if states is not None:
+                states.append(x)
+        return connection.end(self, x, carry)
+
+
 def _wrap_layer(layer, cfg):
     """FSDP wrapping, as fairseq applies it to its own layers (every layer when checkpointing)."""
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
 
-class B2TTransformerEncoder(_LayerCalls, TransformerEncoderBase):
+class B2TTransformerEncoder(ConnectedEncoderLoop, TransformerEncoderBase):
     """A final layer norm exists only for methods with ``final_norm`` (options.resolve_options sets fairseq's
     normalize_before from it)."""
 
@@ -78,15 +98,7 @@ class B2TTransformerEncoder(_LayerCalls, TransformerEncoderBase):
         x = x.transpose(0, 1)  # B x T x C -> T x B x C
 
         states: List[Tensor] = [x] if return_all_hiddens else []
-        connection = self.connection
-        x, carry = connection.begin(self, x)
-        for index, layer in enumerate(self.layers):
-            x = connection.layer_input(self, index, x, carry)
-            x, carry = self._call_layer(layer, x, padding_mask if has_pads else None, carry=carry)
-            carry = connection.layer_output(self, index, x, carry)
-            if return_all_hiddens:
-                states.append(x)
-        x = connection.end(self, x, carry)
+        x = self.run_layers(x, padding_mask if has_pads else None, states if return_all_hiddens else None)
 
         src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
         return {

@@ -46,15 +46,20 @@ class TransformerB2TModel(Int8Decoding, IdentityChecked, TransformerModel):
         return B2TTransformerDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
-def _mirror(name, fairseq_arch):
-    """Register ``name`` as fairseq's ``fairseq_arch`` with our options resolved first."""
+def mirror_architecture(model, name, fairseq_arch, resolve=resolve_options):
+    """Register architecture ``name`` of our ``model`` as fairseq's ``fairseq_arch`` with our options resolved
+    first (by ``resolve``, which may add a model's own checks to resolve_options)."""
 
     def arch(args):
-        resolve_options(args)
+        resolve(args)
         fairseq_arch(args)
 
     arch.__name__ = name
-    return register_model_architecture("transformer_b2t", name)(arch)
+    return register_model_architecture(model, name)(arch)
+
+
+def _mirror(name, fairseq_arch):
+    return mirror_architecture("transformer_b2t", name, fairseq_arch)
 
 
 transformer_b2t = _mirror("transformer_b2t", fs.base_architecture)

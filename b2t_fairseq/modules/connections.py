@@ -76,6 +76,8 @@ class Connection:
     layer_norms = True
     # the --init-scaling that `auto` picks for this method
     default_init_scaling = "none"
+    # True: the method's init rule (scale_init) also rescales each stack's token embeddings (``embed_tokens``)
+    init_scales_embeddings = False
     # False: the method defines no decoder-only (language model) form
     decoder_only = True
 
@@ -231,6 +233,7 @@ class TFixup(Connection):
     name = "tfixup"
     layer_norms = False
     default_init_scaling = "tfixup"
+    init_scales_embeddings = True
     decoder_only = False
 
     def sublayer(self, layer, name, x, f, norm, carry):
