@@ -12,10 +12,11 @@ TORCH  := torch==2.13.0
 # fairseq 0.12 with packaging fixes for Python >= 3.11. Installed without its dependencies because it
 # requires torchaudio, which fairseq's text code never imports and which does not load beside a CPU torch.
 FAIRSEQ := fairseq-fixed==0.12.3.1
-# fairseq's remaining dependencies, then ours (setup.py), then test/plot tools. admin-torch is a test-only
+# fairseq's remaining dependencies, then ours (setup.py, with its speech extra), then test/plot tools. admin-torch is a test-only
 # numerical reference for --connection admin (its only requirement, torch, is already satisfied).
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
-          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 tensorboardX matplotlib pytest admin-torch==0.1.0
+          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 tensorboardX matplotlib pytest admin-torch==0.1.0 \
+          kaldi-native-fbank soundfile editdistance scipy
 # Test-only numerical reference for --connection deepnorm and sub-ln, without its dependencies: it requires
 # timm (which pulls torchvision and with it another torch) and fairscale, used only for drop path, activation
 # checkpointing and FSDP, none of which the compared layers use (tests/test_methods.py stands in for them).
@@ -30,7 +31,14 @@ PKG_SOURCES := setup.py $(shell find b2t_fairseq -name '*.py')
 
 .PHONY: setup demo test clean
 
-setup: $(VENV)/.b2t-package
+setup: $(VENV)/.b2t-package $(VENV)/.b2t-espeak
+
+# espeak-ng (Debian's package) speaks the synthetic corpus of the LibriSpeech recipe's tests; where it cannot be
+# installed (no root, no apt) those tests skip and say so.
+$(VENV)/.b2t-espeak: $(VENV)/.b2t-deps
+	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; } \
+		|| echo "warning: could not install espeak-ng; the LibriSpeech smoke tests will be skipped"
+	touch $@
 
 $(VENV)/.b2t-deps:
 	$(PYTHON) -m venv $(VENV)

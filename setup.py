@@ -12,6 +12,9 @@ Pins, and why:
 - tensorboardX (unpinned): fairseq's --tensorboard-logdir writes through torch.utils.tensorboard, which needs the
   full tensorboard package, or else tensorboardX; without either fairseq only warns and logs nothing. tensorboardX
   is the small one (protobuf is its only other requirement).
+- the "speech" extra (unpinned), for the LibriSpeech recipe only: kaldi-native-fbank computes the filterbanks
+  (torchaudio on the registry is built for an older torch than ours), soundfile reads FLAC, editdistance is what
+  fairseq's WER scorer needs, scipy resamples the synthetic test corpus.
 """
 from setuptools import find_packages, setup
 
@@ -32,7 +35,11 @@ setup(
         "rouge-score==0.1.2",
         "tensorboardX",
     ],
-    extras_require={"test": ["pytest"], "plots": ["matplotlib"]},
+    extras_require={
+        "test": ["pytest"],
+        "plots": ["matplotlib"],
+        "speech": ["kaldi-native-fbank", "soundfile", "editdistance", "scipy"],
+    },
     entry_points={
         "console_scripts": [
             "b2t-average-checkpoints=b2t_fairseq.tools.average_checkpoints:cli_main",

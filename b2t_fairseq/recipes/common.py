@@ -483,6 +483,10 @@ class Recipe:
         """Refuse a data-bin that lacks ``subsets`` with one line (default: a fairseq-preprocess translation one)."""
         check_data_bin(data_bin, subsets)
 
+    def check_train_data(self, data_bin, cmd):
+        """Refuse to train ``cmd`` on a data-bin that lacks what it reads."""
+        self.check_data(data_bin, self.train_subsets)
+
     def check_row(self, config, method, depth, scale):
         """Refuse a (method, depth) the recipe cannot train, or a config inconsistent with it."""
 
@@ -542,7 +546,7 @@ class Recipe:
                              max_tokens, reserved=self.reserved, nodes=nodes)  # fmt: skip
 
     def run_train(self, args, cmd, info):
-        self.check_data(args.data_bin, self.train_subsets)
+        self.check_train_data(args.data_bin, cmd)
         info.update(self.train_facts(args.data_bin))
         write_recipe_facts(args.save_dir, info)
         if info["nodes"] > 1:
