@@ -474,6 +474,7 @@ class Recipe:
     result_keys = ("method", "depth")  # result JSON keys the table needs
     reserved = RESERVED_EXTRA
     train_subsets = ("train", "valid")
+    hydra = True  # whether `train --hydra-config` can write the row as a fairseq-hydra-train config
 
     def __init__(self):
         self.config_dir = default_config_dir(self.name)
@@ -563,6 +564,9 @@ class Recipe:
         if args.hydra_config:
             from b2t_fairseq.recipes.hydra_configs import write_row_config
 
+            if not self.hydra:
+                raise RecipeError(f"--hydra-config: the {self.name} recipe has no fairseq-hydra-train config; use "
+                                  "fairseq-train (drop --hydra-config)")  # fmt: skip
             if args.nodes > 1:
                 raise RecipeError("--hydra-config writes a one-node config; drop --nodes (or launch fairseq-train with it)")
             if args.hydra_config.suffix != ".yaml":

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from b2t_fairseq import atomic
+from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (  # noqa: F401  (METHODS: for callers, as the other recipes)
     METHODS, PLUGIN_DIR, RESERVED_EXTRA, Recipe, RecipeError, fmt, run_fairseq,
 )  # fmt: skip
@@ -100,7 +101,13 @@ def fbank(path, num_bins):
     return np.stack([computer.get_frame(i) for i in range(computer.num_frames_ready)]).astype(np.float32)
 
 
-def extract_split(utterances, features_dir, split, num_bins):
+def _write_features(job):
+    utt, flac, path, num_bins = job
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, fbank(flac, num_bins))
+
+
+def extract_split(utterances, features_dir, split, num_bins, workers=1):
     """features_dir/SPLIT.zip: one stored (uncompressed) .npy per utterance, and {id: (zip:offset:length,
     frames)}. Each .npy is written on its own first (a rerun continues after the last one written), the zip once
     all exist; then the loose files go."""
@@ -111,9 +118,16 @@ def extract_split(utterances, features_dir, split, num_bins):
         todo = [u for u in utterances if not (loose / f"{u[0]}.npy").is_file()]
         if todo:
             print(f"{split}: filterbanks of {len(todo)} of {len(utterances)} utterances", flush=True)
-        for utt, flac, _, _ in todo:
-            with atomic.atomic_path(loose / f"{utt}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, fbank(flac, num_bins))
+        jobs = [(utt, flac, loose / f"{utt}.npy", num_bins) for utt, flac, _, _ in todo]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for _ in pool.imap_unordered(_write_features, jobs, chunksize=16):
+                    pass
+        else:
+            for job in jobs:
+                _write_features(job)
         with atomic.atomic_path(archive) as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
                 for utt, *_ in utterances:  # fixed dates: the same features give the same bytes
@@ -230,7 +244,7 @@ def needs(*modules):
                           "(kaldi-native-fbank, soundfile, editdistance)")  # fmt: skip
 
 
-def prepare(data, out, scale=None, config_dir=None):
+def prepare(data, out, scale=None, config_dir=None, workers=1):
     needs("kaldi_native_fbank", "soundfile")
     config = load_config(config_dir, scale=scale)["prepare"]
     out = Path(out)
@@ -254,7 +268,7 @@ def prepare(data, out, scale=None, config_dir=None):
         if manifest.is_file():
             print(f"{split}: done ({manifest})", flush=True)
             continue
-        entries = extract_split(utterances, features, split, plan["num_mel_bins"])
+        entries = extract_split(utterances, features, split, plan["num_mel_bins"], workers)
         write_manifest(manifest, utterances, entries)
     cmvn = data_dir / "gcmvn.npz"
     if not cmvn.is_file():
@@ -272,7 +286,9 @@ def prepare(data, out, scale=None, config_dir=None):
 
 
 def cmd_prepare(args, extra):
-    prepare(args.data, args.out, args.scale, args.config_dir)
+    if args.workers < 1:
+        raise RecipeError(f"--workers must be >= 1, not {args.workers}")
+    prepare(args.data, args.out, args.scale, args.config_dir, args.workers)
     return 0
 
 
@@ -362,6 +378,8 @@ class LibriSpeech(Recipe):
     required = ("prepare", "train", "tokens_per_update", "evaluate")
     result_keys = ("method", "depth", "wer", "wer_settings")
     decoder_layers = 6
+    # fairseq 0.12's speech_to_text is an argparse-only task: its hydra config would be the whole namespace
+    hydra = False
     reserved = {**RESERVED_EXTRA, "--encoder-layers": "--depth (or the depth's config file)"}
 
     def check_data(self, data_bin, subsets):
@@ -372,6 +390,11 @@ class LibriSpeech(Recipe):
         check_data_dir(data_bin, subsets)
 
     def check_row(self, config, method, depth, scale):
+        if method in CONNECTIONS and CONNECTIONS[method].init_scales_embeddings:
+            raise RecipeError(
+                f"--method {method}: its initialisation scales the source token embeddings, which a speech encoder "
+                "does not have, so the speech recipe cannot train it; choose another --method"
+            )
         train = config["train"]
         if scale is None and int(train.get("encoder-layers", -1)) != int(depth):
             raise RecipeError(f"{depth}l.yaml must set encoder-layers: {depth}, not {train.get('encoder-layers')}")
@@ -416,6 +439,7 @@ class LibriSpeech(Recipe):
         p.add_argument("--data", required=True, type=Path, help="the LibriSpeech directory (train-clean-100/, "
                        "dev-clean/, ... of SPEAKER/CHAPTER/*.flac and *.trans.txt)")  # fmt: skip
         p.add_argument("--out", required=True, type=Path, help="work directory; fairseq's data directory is OUT/data")
+        p.add_argument("--workers", type=int, default=1, help="processes computing filterbanks (default: 1)")
         p.add_argument("--scale", choices=("smoke",), help=self.smoke_help)
         p.set_defaults(func=cmd_prepare)
 
