@@ -63,8 +63,15 @@ def quantize_for_cpu_decoding(model, scope):
 
 
 class Int8Decoding:
-    """Mixin of our models: apply ``--int8-decoding`` after fairseq's own inference preparation."""
+    """Mixin of our models: after fairseq's own inference preparation, apply ``--int8-decoding``, then pack
+    the Linear layers left in float32 for the CPU (packed_linear.py)."""
 
     def prepare_for_inference_(self, cfg):
+        from b2t_fairseq.packed_linear import pack_linears
+
         super().prepare_for_inference_(cfg)
         quantize_for_cpu_decoding(self, getattr(self, "b2t_int8_decoding", "none"))
+        packed = pack_linears(self)
+        if packed:
+            logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=0 "
+                        "switches it off)")

@@ -169,15 +169,23 @@ class Bench:
         self.generator = None
         self.gen_only = False
 
-    def int8_copy(self, scope):
-        """A generation-only copy of this model with --int8-decoding ``scope`` applied, as fairseq-generate does."""
-        import copy
+    def prepare_for_generation(self, cli):
+        """After the training rounds: the model as fairseq-generate prepares it (``prepare_for_inference_``:
+        fairseq's make_generation_fast_; for our models also --int8-decoding and the packed CPU Linear layers)."""
+        from types import SimpleNamespace
 
-        from b2t_fairseq.int8 import quantize_for_cpu_decoding
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.prepare_for_inference_(SimpleNamespace(generation=SimpleNamespace(beam=cli.beam)))
+
+    def int8_copy(self, scope):
+        """A generation-only copy of this (not yet prepared) model with --int8-decoding ``scope``, prepared for
+        inference as fairseq-generate prepares it."""
+        import copy
 
         other = copy.copy(self)
         other.name, other.extra, other.gen_only, other.generator = f"{self.name} int8", [*self.extra, "--int8-decoding", scope], True, None
-        other.model = quantize_for_cpu_decoding(copy.deepcopy(self.model).eval(), scope)
+        other.model = copy.deepcopy(self.model)
+        other.model.b2t_int8_decoding = scope
         other.params = self.params
         return other
 
@@ -548,7 +556,7 @@ def run(cli):
     if cli.int8 != "none":  # the b2t row's weights as trained above, quantized
         benches.append(benches[1].int8_copy(cli.int8))
     for b in benches:  # generation warm-up
-        b.optimizer.zero_grad(set_to_none=True)
+        b.prepare_for_generation(cli)
         for i in range(cli.warmup):
             b.generate(gen_batches[i % len(gen_batches)], cli)
     gen_rates, gen_cpu = alternate("gen", gen_work, cli.gen_batches_per_repeat * cli.gen_batch, ".2f", benches)

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from b2t_fairseq.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 
 SMALL = ("--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim "
@@ -30,7 +31,8 @@ def test_prepare_for_inference_quantizes_the_named_layers(data_dir, scope, encod
         assert all(isinstance(m, QLinear) for m in (layer.fc1, layer.fc2, layer.self_attn.v_proj,
                                                      layer.self_attn.out_proj, layer.encoder_attn.out_proj))  # fmt: skip
         # queries and keys stay float32 (their error passes through the softmax)
-        assert type(layer.self_attn.q_proj) is type(layer.encoder_attn.k_proj) is torch.nn.Linear
+        # (float32 Linear layers are then packed for the CPU: packed_linear.py)
+        assert type(layer.self_attn.q_proj) is type(layer.encoder_attn.k_proj) is PackedLinear
     assert all(isinstance(layer.fc1, QLinear) == encoder_quantized for layer in model.encoder.layers)
 
     torch.manual_seed(3)

@@ -1,0 +1,184 @@
+"""Exact mode's fast paths (issue 11): oneDNN-packed Linear layers once a model is prepared for inference, and
+an encoder reorder that skips copies that change nothing. Each is checked against the path it replaces (fairseq's
+Linear, fairseq's reorder, fairseq's stock transformer): forward, incremental decoding and beam search."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import b2t_fairseq  # noqa: F401  (registers the models)
+from b2t_fairseq.packed_linear import PackedLinear, pack_linears, packing_available
+from conftest import build_model
+from test_layers import DIMS, LM_DIMS, batch, randomize
+
+ALL_METHODS = tuple(b2t_fairseq.modules.CONNECTIONS)
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN (mkldnn)")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inference_cfg(beam=4):
+    return argparse.Namespace(generation=argparse.Namespace(beam=beam, print_alignment=False, retain_dropout=False))
+
+
+# ------------------------------------------------------------------------------------------ PackedLinear
+def test_packed_linear_equals_linear_and_follows_its_weight(monkeypatch):
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 80)
+    packed = nn.Linear(48, 80)
+    packed.load_state_dict(plain.state_dict())
+    assert pack_linears(packed) == 1 and type(packed) is PackedLinear
+    assert list(packed.state_dict()) == ["weight", "bias"]  # checkpoints never see it
+    x = torch.randn(5, 3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), plain(x), **TOL)
+        assert packed._packed is not None  # the packed kernel ran
+        # an in-place update (an optimizer step, load_state_dict) makes the packed copy stale: it is redone
+        packed.weight.mul_(-2.0)
+        plain.weight.mul_(-2.0)
+        torch.testing.assert_close(packed(x), plain(x), **TOL)
+    # with gradients: fairseq's Linear, bit for bit, and gradients flow
+    y = packed(x)
+    assert torch.equal(y, plain(x))
+    y.sum().backward()
+    assert packed.weight.grad is not None
+    # the kill switch
+    monkeypatch.setenv("B2T_PACKED_LINEARS", "0")
+    with torch.no_grad():
+        assert torch.equal(packed(x), F.linear(x, packed.weight, packed.bias))
+
+
+def test_only_plain_linear_layers_are_packed(data_dir):
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "sub-ln", *DIMS])
+    model.eval()
+    model.prepare_for_inference_(_inference_cfg())
+    layer = model.decoder.layers[0]
+    assert type(layer.fc1) is PackedLinear and type(model.decoder.output_projection) is PackedLinear
+    assert type(layer.fc2) is not PackedLinear and hasattr(layer.fc2, "sub_layer_norm")  # Sub-LN's own class
+
+
+# -------------------------------------------------------------------- prepared models vs reference paths
+def _twins(data_dir, argv, task="translation"):
+    """The same randomized weights twice: one model as fairseq-generate prepares it, one left as built."""
+    fast, tk, _ = build_model(data_dir, argv, task)
+    reference, _, _ = build_model(data_dir, argv, task)
+    randomize(fast, seed=5)
+    reference.load_state_dict(fast.state_dict())
+    fast.eval(), reference.eval()
+    fast.prepare_for_inference_(_inference_cfg())
+    assert any(type(m) is PackedLinear for m in fast.modules())
+    assert not any(type(m) is PackedLinear for m in reference.modules())
+    return fast, reference, tk
+
+
+def _decode_steps(model, src, lengths, prev):
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        full = model.get_normalized_probs(model.decoder(prev, enc), log_probs=True)
+        state, steps = {}, []
+        for t in range(prev.size(1)):
+            steps.append(model.get_normalized_probs(model.decoder(prev[:, : t + 1], enc, incremental_state=state),
+                                                    log_probs=True))  # fmt: skip
+    return full, torch.cat(steps, dim=1)
+
+
+def _beam_search(model, tk, src, lengths, beam=4, max_len=9):
+    from fairseq.sequence_generator import SequenceGenerator
+
+    gen = SequenceGenerator([model], tk.target_dictionary, beam_size=beam, max_len_b=max_len)
+    with torch.no_grad():
+        return gen.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}})
+
+
+def _assert_same_hypotheses(a, b):
+    assert len(a) == len(b)
+    for sent_a, sent_b in zip(a, b):
+        assert [h["tokens"].tolist() for h in sent_a] == [h["tokens"].tolist() for h in sent_b]
+        torch.testing.assert_close(torch.stack([h["score"] for h in sent_a]),
+                                   torch.stack([h["score"] for h in sent_b]), **TOL)  # fmt: skip
+        torch.testing.assert_close(torch.cat([h["positional_scores"] for h in sent_a]),
+                                   torch.cat([h["positional_scores"] for h in sent_b]), **TOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("connection", ALL_METHODS)
+def test_prepared_model_decodes_as_the_reference_path(data_dir, connection):
+    argv = ["--arch", "transformer_b2t", "--connection", connection, "--encoder-layers", "3",
+            "--decoder-layers", "3", *DIMS]  # fmt: skip
+    fast, reference, tk = _twins(data_dir, argv)
+    src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
+    full, steps = _decode_steps(fast, src, lengths, prev)
+    ref_full, ref_steps = _decode_steps(reference, src, lengths, prev)
+    torch.testing.assert_close(full, ref_full, **TOL)
+    torch.testing.assert_close(steps, ref_steps, **TOL)
+    _assert_same_hypotheses(_beam_search(fast, tk, src, lengths), _beam_search(reference, tk, src, lengths))
+
+
+@pytest.mark.parametrize("connection", ["b2t", "dlcl", "realformer"])
+def test_prepared_language_model_decodes_as_the_reference_path(data_dir, connection):
+    argv = ["--arch", "transformer_lm_b2t", "--connection", connection, "--decoder-layers", "3", *LM_DIMS]
+    fast, reference, tk = _twins(data_dir, argv, task="language_modeling")
+    _, _, tokens = batch(tk.source_dictionary, tgt_len=8)
+    with torch.no_grad():
+        for model in (fast, reference):
+            state = {}
+            model.b2t_steps = torch.cat([
+                model.get_normalized_probs(model.decoder(tokens[:, : t + 1], incremental_state=state), log_probs=True)
+                for t in range(tokens.size(1))
+            ], dim=1)  # fmt: skip
+    torch.testing.assert_close(fast.b2t_steps, reference.b2t_steps, **TOL)
+
+
+def test_prepared_post_ln_equals_fairseqs_stock_transformer(data_dir):
+    """Exact mode's contract: our post-ln, prepared for decoding with every fast path, against fairseq's own
+    transformer with the same weights, prepared by fairseq: log-probabilities within 1e-5, the same beams."""
+    common = ["--encoder-layers", "3", "--decoder-layers", "3", "--share-all-embeddings", *DIMS]
+    ours, tk, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "post-ln", *common])
+    stock, _, _ = build_model(data_dir, ["--arch", "transformer", *common], seed=9)
+    randomize(ours, seed=5)
+    stock.load_state_dict(ours.state_dict())
+    for model in (ours, stock):
+        model.eval()
+        model.prepare_for_inference_(_inference_cfg())
+    assert type(stock.decoder.layers[0].fc1) is nn.Linear  # fairseq's model is left alone
+    src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
+    full, steps = _decode_steps(ours, src, lengths, prev)
+    stock_full, stock_steps = _decode_steps(stock, src, lengths, prev)
+    torch.testing.assert_close(full, stock_full, **TOL)
+    torch.testing.assert_close(steps, stock_steps, **TOL)
+    _assert_same_hypotheses(_beam_search(ours, tk, src, lengths), _beam_search(stock, tk, src, lengths))
+
+
+# ----------------------------------------------------------------------------------- encoder reorder
+def test_encoder_reorder_equals_fairseqs_and_skips_no_op_copies(data_dir):
+    from fairseq.models.transformer import TransformerEncoderBase
+
+    model, tk, _ = build_model(data_dir, ["--arch", "transformer_b2t", *DIMS, "--encoder-layers", "2"])
+    model.eval()
+    src, lengths, _ = batch(tk.source_dictionary, bsz=3, src_len=6)
+    with torch.no_grad():
+        ours = model.encoder(src, lengths, return_all_hiddens=True)
+    theirs = {k: list(v) for k, v in ours.items()}
+
+    def fairseq_reorder(out, order):
+        return TransformerEncoderBase.reorder_encoder_out(model.encoder, {k: list(v) for k, v in out.items()}, order)
+
+    beam = 2
+    orders = [
+        torch.arange(3).repeat_interleave(beam),  # beam search's expansion
+        torch.tensor([1, 0, 2, 2, 5, 4]),  # hypotheses move within their sentence: nothing changes
+        torch.tensor([0, 0, 3, 2, 4, 4]),  # likewise
+        torch.tensor([2, 3, 4, 5]),  # sentence 0 finished: rows leave
+        torch.tensor([1, 1, 2, 3]),
+        torch.tensor([3, 2, 1, 0]),  # rows of different sentences swap: a real reorder
+    ]
+    skipped = []
+    for order in orders:
+        before = ours
+        ours, theirs = model.encoder.reorder_encoder_out(ours, order), fairseq_reorder(theirs, order)
+        skipped.append(ours is before)
+        for key in ("encoder_out", "encoder_padding_mask", "encoder_embedding", "encoder_states", "src_lengths"):
+            assert len(ours[key]) == len(theirs[key]), key
+            for a, b in zip(ours[key], theirs[key]):
+                assert torch.equal(a, b), key
+    assert skipped == [False, True, True, False, True, False]
