@@ -42,6 +42,7 @@ class PackedLinear(nn.Linear):
             or x.device.type != "cpu"
             or x.dtype != torch.float32
             or self.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")  # autocast picks the dtype of F.linear: leave it to do so
             or not packing_enabled()
         ):
             return super().forward(x)

@@ -38,6 +38,9 @@ def test_packed_linear_equals_linear_and_follows_its_weight(monkeypatch):
         packed.weight.mul_(-2.0)
         plain.weight.mul_(-2.0)
         torch.testing.assert_close(packed(x), plain(x), **TOL)
+    # under CPU autocast, autocast chooses the precision, as for fairseq's Linear
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed(x).dtype == plain(x).dtype == torch.bfloat16
     # with gradients: fairseq's Linear, bit for bit, and gradients flow
     y = packed(x)
     assert torch.equal(y, plain(x))
@@ -101,17 +104,20 @@ def _assert_same_hypotheses(a, b):
                                    torch.cat([h["positional_scores"] for h in sent_b]), **TOL)  # fmt: skip
 
 
+def _assert_decodes_alike(model, other, tk):
+    """Teacher-forced and step-by-step log-probabilities within 1e-5, the same beam-search hypotheses."""
+    src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
+    for ours, theirs in zip(_decode_steps(model, src, lengths, prev), _decode_steps(other, src, lengths, prev)):
+        torch.testing.assert_close(ours, theirs, **TOL)
+    _assert_same_hypotheses(_beam_search(model, tk, src, lengths), _beam_search(other, tk, src, lengths))
+
+
 @pytest.mark.parametrize("connection", ALL_METHODS)
 def test_prepared_model_decodes_as_the_reference_path(data_dir, connection):
     argv = ["--arch", "transformer_b2t", "--connection", connection, "--encoder-layers", "3",
             "--decoder-layers", "3", *DIMS]  # fmt: skip
     fast, reference, tk = _twins(data_dir, argv)
-    src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
-    full, steps = _decode_steps(fast, src, lengths, prev)
-    ref_full, ref_steps = _decode_steps(reference, src, lengths, prev)
-    torch.testing.assert_close(full, ref_full, **TOL)
-    torch.testing.assert_close(steps, ref_steps, **TOL)
-    _assert_same_hypotheses(_beam_search(fast, tk, src, lengths), _beam_search(reference, tk, src, lengths))
+    _assert_decodes_alike(fast, reference, tk)
 
 
 @pytest.mark.parametrize("connection", ["b2t", "dlcl", "realformer"])
@@ -141,12 +147,7 @@ def test_prepared_post_ln_equals_fairseqs_stock_transformer(data_dir):
         model.eval()
         model.prepare_for_inference_(_inference_cfg())
     assert type(stock.decoder.layers[0].fc1) is nn.Linear  # fairseq's model is left alone
-    src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
-    full, steps = _decode_steps(ours, src, lengths, prev)
-    stock_full, stock_steps = _decode_steps(stock, src, lengths, prev)
-    torch.testing.assert_close(full, stock_full, **TOL)
-    torch.testing.assert_close(steps, stock_steps, **TOL)
-    _assert_same_hypotheses(_beam_search(ours, tk, src, lengths), _beam_search(stock, tk, src, lengths))
+    _assert_decodes_alike(ours, stock, tk)
 
 
 # ----------------------------------------------------------------------------------- encoder reorder
