@@ -62,7 +62,7 @@ def quantize_for_cpu_decoding(model, scope):
     return model
 
 
-class Int8Decoding:
+class CpuDecoding:
     """Mixin of our models: after fairseq's own inference preparation, apply ``--int8-decoding``, then pack
     the Linear layers left in float32 for the CPU (packed_linear.py)."""
 

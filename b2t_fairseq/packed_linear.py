@@ -1,11 +1,10 @@
 """Linear layers that decode on the CPU with their weight prepacked for oneDNN (exact mode's CPU fast path).
 
 PyTorch's ``F.linear`` on the CPU runs MKL's GEMM on the weight as stored, at every call. Beam search calls
-each decoder Linear once per step with a few dozen rows, where that costs more than it needs to: PyTorch's
-oneDNN kernel with the weight reordered once into its blocked layout (``torch.ops.mkldnn``, what torch.compile's
-CPU backend uses for frozen weights) multiplied 64 x 512 by 512 x 2048 in 0.62 ms instead of 0.87-0.89 ms, and
-the 8000-word output projection in 2.6 ms instead of 4.4 ms, on the 2-core machine of benchmarks/RESULTS.md.
-The results differ from MKL's only in the rounding of float32 sums (a few 1e-6 on values of order 1).
+each decoder Linear once per step with a few dozen rows, where PyTorch's oneDNN kernel with the weight
+reordered once into its blocked layout (``torch.ops.mkldnn``, what torch.compile's CPU backend uses for frozen
+weights) is faster; the benchmark's "b2t unpacked" row measures the difference (benchmarks/RESULTS.md). The
+results differ from MKL's only in the rounding of float32 sums (tests/test_fast_paths.py holds them to 1e-5).
 
 Applied when fairseq prepares a loaded model for inference (``prepare_for_inference_``, see int8.py), to every
 plain ``nn.Linear`` of the model; checkpoints, training and state dicts never see it. A packed layer uses its

@@ -93,6 +93,9 @@ def parse_cli(argv=None):
     g.add_argument("--int8", choices=["none", "decoder", "all"], default="decoder",
                    help="CPU: also time the b2t model's generation with --int8-decoding of this scope (a "
                    "generation-only row: same weights as the b2t row, quantized after its training rounds)")
+    g.add_argument("--unpacked-row", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: also time the b2t model's generation with exact mode's packed Linear layers switched "
+                   "off (B2T_PACKED_LINEARS=0; a generation-only row), which separates their gain from the rest")
     g.add_argument("--beam", type=int, default=4)
     g.add_argument("--gen-len", type=int, default=30, help="L: every hypothesis is forced to L tokens + EOS")
     g.add_argument("--gen-batch", type=int, default=16, help="source sentences per generation batch")
@@ -108,6 +111,7 @@ def parse_cli(argv=None):
         p.error("choose one of --fp16 and --bf16")
     if args.device != "cpu":
         args.int8 = "none"  # torch's dynamic int8 kernels are CPU kernels
+        args.unpacked_row = False  # the packed kernels are CPU kernels too
     if (args.fp16 or args.bf16) and args.device != "cuda":
         p.error("--fp16/--bf16 are autocast modes for --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -168,6 +172,7 @@ class Bench:
         self.scaler = torch.amp.GradScaler("cuda") if cli.fp16 else None
         self.generator = None
         self.gen_only = False
+        self.packed = True  # False: generate with B2T_PACKED_LINEARS=0
 
     def prepare_for_generation(self, cli):
         """After the training rounds: the model as fairseq-generate prepares it (``prepare_for_inference_``:
@@ -177,16 +182,16 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.prepare_for_inference_(SimpleNamespace(generation=SimpleNamespace(beam=cli.beam)))
 
-    def int8_copy(self, scope):
-        """A generation-only copy of this (not yet prepared) model with --int8-decoding ``scope``, prepared for
-        inference as fairseq-generate prepares it."""
+    def generation_copy(self, suffix, extra, int8="none", packed=True):
+        """A generation-only copy of this (not yet prepared) model, named ``<name> <suffix>``, with
+        --int8-decoding ``int8`` and, unless ``packed``, B2T_PACKED_LINEARS=0 while it generates."""
         import copy
 
         other = copy.copy(self)
-        other.name, other.extra, other.gen_only, other.generator = f"{self.name} int8", [*self.extra, "--int8-decoding", scope], True, None
+        other.name, other.extra, other.gen_only, other.generator = f"{self.name} {suffix}", [*self.extra, *extra], True, None
         other.model = copy.deepcopy(self.model)
-        other.model.b2t_int8_decoding = scope
-        other.params = self.params
+        other.model.b2t_int8_decoding = int8
+        other.packed = packed
         return other
 
     def autocast(self):
@@ -218,12 +223,26 @@ class Bench:
             self.generator = SequenceGenerator(
                 [self.model], self.task.target_dictionary, beam_size=cli.beam, max_len_a=0, max_len_b=L, min_len=L
             )
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), packed_linears(self.packed):
             hypos = self.generator.generate([self.model], sample)
         lengths = {len(h["tokens"]) for sent in hypos for h in sent}
         if lengths != {cli.gen_len + 1} or len(hypos) != sample["nsentences"]:
             raise RuntimeError(f"{self.name}: expected every hypothesis to have {cli.gen_len}+EOS tokens, got {lengths}")
         return hypos
+
+
+@contextlib.contextmanager
+def packed_linears(on):
+    """B2T_PACKED_LINEARS as ``on`` says, for the duration (packed_linear.py reads it at every call)."""
+    before = os.environ.get("B2T_PACKED_LINEARS")
+    os.environ["B2T_PACKED_LINEARS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["B2T_PACKED_LINEARS"]
+        else:
+            os.environ["B2T_PACKED_LINEARS"] = before
 
 
 def synthetic_batches(cli, dictionary, device, count=4):
@@ -553,8 +572,11 @@ def run(cli):
             b.generate(gen_batches[(r * cli.gen_batches_per_repeat + k) % len(gen_batches)], cli)
 
     train_rates, train_cpu = alternate("train", train_work, cli.steps_per_repeat * tgt_tokens, ".0f", benches)
-    if cli.int8 != "none":  # the b2t row's weights as trained above, quantized
-        benches.append(benches[1].int8_copy(cli.int8))
+    # generation-only rows: the b2t row's weights as trained above
+    if cli.unpacked_row:
+        benches.append(benches[1].generation_copy("unpacked", ["B2T_PACKED_LINEARS=0"], packed=False))
+    if cli.int8 != "none":
+        benches.append(benches[1].generation_copy("int8", ["--int8-decoding", cli.int8], int8=cli.int8))
     for b in benches:  # generation warm-up
         b.prepare_for_generation(cli)
         for i in range(cli.warmup):
@@ -620,7 +642,7 @@ def markdown_table(report):
     for r in report["results"]:
         t, tr, g, gr = r["train_tgt_tokens_per_s"], r["train_ratio_per_round"], r["gen_sentences_per_s"], r["gen_ratio_per_round"]
         base = r["model"] == BASELINE
-        if t is None:  # a generation-only row (int8)
+        if t is None:  # a generation-only row (unpacked, int8)
             train_cells = "— | — | — | — | —"
         else:
             train_cells = (
@@ -677,6 +699,9 @@ Recorded by `benchmarks/bench_b2t_vs_transformer.py` (see `benchmarks/README.md`
   live (parameters + Adam state), i.e. the CPU analogue of `max_memory_allocated`.
 - **gen sent/s**: `SequenceGenerator`, beam 4, eval/no_grad; every hypothesis is forced to exactly L tokens +
   EOS (`max_len_a=0, max_len_b=L, min_len=L`) so both models do identical work whatever their random weights.
+- **b2t unpacked**: the b2t row's model, prepared the same way, generating with `B2T_PACKED_LINEARS=0` (exact
+  mode without its packed Linear layers, `b2t_fairseq/packed_linear.py`): generation only. b2t / b2t unpacked is
+  what the packing gives; b2t unpacked / transformer is what the rest of our decoding path gives.
 - **b2t int8**: the b2t row's model after its training rounds, with `--int8-decoding` (dynamic int8 Linear
   layers, `b2t_fairseq/int8.py`) applied as fairseq-generate applies it: generation only. Its hypotheses differ
   from the float model's (random weights make the forced-length work identical anyway); the BLEU cost is

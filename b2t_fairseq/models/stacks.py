@@ -58,27 +58,6 @@ class ConnectedEncoderLoop(_LayerCalls):
                 states.append(x)
         return connection.end(self, x, carry)
 
-    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
-        """fairseq's reorder, without its copies where they change nothing.
-
-        Beam search calls this at every step, although it only moves hypotheses within a sentence, whose rows
-        of the encoder output are copies of one row. ``b2t_rows`` records, for every row, the row of the
-        encoder's own output it is a copy of; when ``new_order`` gives every row a copy of the same row it
-        already holds, the reordered output would equal the input, so the input is returned."""
-        rows = encoder_out.get("b2t_rows", [])
-        if len(rows) > 0:
-            current = rows[0]
-        elif len(encoder_out["encoder_out"]) > 0:
-            current = torch.arange(encoder_out["encoder_out"][0].size(1), device=new_order.device)
-        else:
-            return super().reorder_encoder_out(encoder_out, new_order)
-        reordered = current.index_select(0, new_order)
-        if reordered.shape == current.shape and torch.equal(reordered, current):
-            return encoder_out
-        encoder_out = super().reorder_encoder_out(encoder_out, new_order)
-        encoder_out["b2t_rows"] = [reordered]
-        return encoder_out
-
 
 def _wrap_layer(layer, cfg):
     """FSDP wrapping, as fairseq applies it to its own layers (every layer when checkpointing)."""
