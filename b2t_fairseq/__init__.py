@@ -4,7 +4,7 @@ Importing this package (``--user-dir b2t_fairseq``) registers the models and arc
 """
 import os
 
-from b2t_fairseq import checkpoint_compat, distributed_compat, errors, numpy_compat, options, run_safety
+from b2t_fairseq import checkpoint_compat, distributed_compat, errors, numpy_compat, options, preemption, run_safety
 
 
 def _answer_to_fairseqs_spellings():
@@ -28,6 +28,7 @@ numpy_compat.install()
 distributed_compat.install()
 errors.install_excepthook()
 run_safety.install()
+preemption.install()
 options.install_shared_name_handling()
 
 # registers the models

@@ -168,6 +168,9 @@ def _checked_trainer_init(original):
                 "fp32 here"
             )
         original(self, cfg, *args, **kwargs)
+        from b2t_fairseq import preemption
+
+        preemption.install_handlers()
 
     __init__.__wrapped__ = original
     return __init__

@@ -2,6 +2,8 @@
 and writes a per-node torchrun script and an sbatch file; two CPU "nodes" of one worker each, on the loopback
 interface, train exactly as one process with the same total batch."""
 import os
+import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -48,40 +50,69 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_cpu_nodes_train_as_one_process_with_the_same_batch(toy_corpus, tmp_path):
+def test_two_cpu_nodes_train_as_one_process_with_the_same_batch(toy_corpus, tmp_path, monkeypatch):
     """Node 0 started by hand (NODE_RANK, MASTER_ADDR), node 1 as SLURM starts it (SLURM_NODEID, the node list
-    resolved by scontrol: a stand-in here that names the loopback address)."""
-    extra = ["--", "--dropout", "0", "--max-update", "6", "--log-format", "json"]
+    resolved by scontrol: a stand-in here that names the loopback address). The recipe is given relative paths and
+    the nodes start launch.sh from another directory; SIGTERM (a scheduler's preemption) stops both after the
+    same update, and rerunning launch.sh resumes on both workers and ends with one process's weights."""
+    extra = ["--", "--dropout", "0", "--max-update", "8", "--log-format", "json", "--log-interval", "1"]
     base = ["train", "--method", "b2t", "--depth", "6", "--scale", "smoke", "--data-bin", str(toy_corpus["data_bin"])]
     assert wmt_main([*base, "--save-dir", str(tmp_path / "one"), *extra]) == 0
-    assert wmt_main([*base, "--nodes", "2", "--save-dir", str(tmp_path / "two"), *extra]) == 0
+    shutil.copytree(toy_corpus["data_bin"], tmp_path / "data-bin")
+    monkeypatch.chdir(tmp_path)
+    assert wmt_main([*base[:-1], "data-bin", "--nodes", "2", "--save-dir", "two", *extra]) == 0
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     scontrol = fake_bin / "scontrol"
     scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames node[7-8]" ] && printf "127.0.0.1\\nnode8\\n"\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    port = str(_free_port())
-    nodes = [
-        dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        dict(SLURM_NODEID="1", SLURM_JOB_NODELIST="node[7-8]", MASTER_PORT=port,
-             PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}"),
-    ]  # fmt: skip
-    procs = [
-        subprocess.Popen(["bash", str(tmp_path / "two" / LAUNCH_FILE)], cwd=tmp_path, env=cli_env(**env),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for env in nodes
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+
+    def start_nodes():
+        port = str(_free_port())
+        nodes = [
+            dict(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            dict(SLURM_NODEID="1", SLURM_JOB_NODELIST="node[7-8]", MASTER_PORT=port,
+                 PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}"),
+        ]  # fmt: skip
+        return [
+            subprocess.Popen(["bash", str(tmp_path / "two" / LAUNCH_FILE)], cwd=elsewhere,
+                             env=cli_env(PYTHONUNBUFFERED="1", **env), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            for env in nodes
+        ]
+
+    procs, sent = start_nodes(), False
+    first = []
+    for line in procs[0].stdout:  # preempted once both workers have made two updates
+        first.append(line)
+        if not sent and '"num_updates": "2"' in line:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            sent = True
+    outs = ["".join(first), procs[1].communicate(timeout=600)[0]]
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    assert "distributed init (rank 1)" in outs[1]
+        assert p.wait(timeout=600) != 0 and "stopped after update" in out, out[-3000:]
 
     from b2t_fairseq.checkpoint_compat import load_checkpoint
 
+    stopped = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"]
+    assert 2 <= stopped < 8
+    assert all(f"stopped after update {stopped} " in out for out in outs)  # the same update on both workers
+    assert not list(elsewhere.iterdir())  # nothing was written beside the caller
+
+    procs = start_nodes()
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "distributed init (rank 1)" in outs[1] and f"(epoch 1 @ {stopped} updates)" in outs[0]
+
     one = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")
-    assert one["optimizer_history"][-1]["num_updates"] == two["optimizer_history"][-1]["num_updates"] == 6
+    assert one["optimizer_history"][-1]["num_updates"] == two["optimizer_history"][-1]["num_updates"] == 8
     assert one["model"].keys() == two["model"].keys()
     for name, weight in one["model"].items():
         torch.testing.assert_close(two["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)

@@ -216,6 +216,7 @@ def write_recipe_facts(save_dir, info):
 
 # ------------------------------------------------------------------ many nodes
 LAUNCH_FILE, SBATCH_FILE = "launch.sh", "train.sbatch"
+SHUTDOWN_TIMEOUT = 600  # seconds torchrun waits for its workers to save after a signal, before SIGKILL
 
 
 def launch_script(cmd, info, python=None):
@@ -235,6 +236,10 @@ if [ -z "${{MASTER_ADDR:-}}" ]; then
     if [ -z "${{SLURM_JOB_NODELIST:-}}" ]; then echo "{LAUNCH_FILE}: set MASTER_ADDR to node 0's address" >&2; exit 2; fi
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 fi
+# torchrun forwards SIGTERM (and, told so here, SIGUSR1) to the workers and waits for them to save: they stop after
+# the update in progress with checkpoint_last.pt written and exit 143/138; rerunning this script continues there.
+# (torchrun reads its --signals-to-handle / --shutdown-timeout from these variables; older torch ignores them.)
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 PET_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT}
 exec "${{PYTHON:-{python}}}" -m torch.distributed.run --nnodes {nodes} --nproc-per-node {per_node} \\
     --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "${{MASTER_PORT:-29500}}" \\
     -m fairseq_cli.train {shlex.join(cmd[1:])}
@@ -249,8 +254,16 @@ def sbatch_script(info, save_dir):
 #SBATCH --nodes={info["nodes"]}
 #SBATCH --ntasks-per-node=1
 {gpus}#SBATCH --output={save_dir}/slurm-%j.out
+# SIGUSR1 three minutes before the time limit: the workers save checkpoint_last.pt after the update in progress
+# and exit; --requeue puts the job back in the queue, where it resumes from that checkpoint
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
 # one task per node runs {LAUNCH_FILE}, which starts that node's workers with torchrun
-srun bash {shlex.quote(str(save_dir / LAUNCH_FILE))}
+srun bash {shlex.quote(str(save_dir / LAUNCH_FILE))} || status=$?
+if [ "${{status:-0}}" -ne 0 ] && [ -n "${{SLURM_JOB_ID:-}}" ] && [ -f {shlex.quote(str(save_dir / "checkpoint_last.pt"))} ]; then
+    scontrol requeue "$SLURM_JOB_ID"  # stopped by a signal (or failed) with a checkpoint to resume from
+fi
+exit "${{status:-0}}"
 """
 
 
@@ -556,6 +569,9 @@ class Recipe:
         return 0
 
     def train(self, args, extra):
+        # absolute, so that launch.sh, train.sbatch, a hydra row config and recipe.json mean the same directories
+        # from whatever directory they are started
+        args.data_bin, args.save_dir = args.data_bin.resolve(), args.save_dir.resolve()
         cmd, info = self.build_train_command(args.method, args.depth, args.gpus, args.data_bin, args.save_dir,
                                              args.scale, extra, args.max_tokens, args.config_dir, nodes=args.nodes)
         if args.dry_run:

@@ -1,0 +1,114 @@
+"""A preempted fairseq-train loses at most one update.
+
+Schedulers end a job with a signal and a grace period: SLURM sends SIGTERM on preemption and at the time limit
+(SIGKILL follows ``KillWait`` seconds later), and ``#SBATCH --signal=USR1@180`` asks for SIGUSR1 three minutes
+before the limit. fairseq 0.12 dies on either, losing everything since its last checkpoint. With the plugin
+loaded, fairseq-train takes SIGTERM and SIGUSR1 as "stop at the next update boundary": the update in progress
+finishes (with fairseq's own validation and saving for it, when that update has them), ``checkpoint_last.pt`` is
+saved with the data iterator's position inside the epoch, and the process exits with status 128 + the signal's
+number (143 for SIGTERM, 138 for SIGUSR1), as a process killed by that signal would. Rerunning the same command
+continues from that update exactly as an uninterrupted run would have (tests/test_preemption.py).
+
+With several workers the stop is agreed on: each update ends with a one-number all-reduce of "a signal arrived
+here", so every worker stops after the same update even when the signal reaches them at different moments (or
+only some of them). torchrun forwards SIGTERM to its workers; the recipes' ``launch.sh`` also asks it to
+forward SIGUSR1 and to wait for the save before killing them.
+"""
+import logging
+import os
+import signal
+import sys
+import threading
+
+logger = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_received = []  # signal numbers seen by this process, in order
+
+
+def _note(signum, frame):
+    if not _received:
+        # no logging here: a handler may run inside the logging module's own lock
+        os.write(2, f"b2t_fairseq: {signal.Signals(signum).name}: stopping after this update, once "
+                    "checkpoint_last.pt is saved\n".encode())  # fmt: skip
+    _received.append(signum)
+
+
+def install_handlers():
+    """Catch the schedulers' signals in this process (the main thread of a fairseq-train worker)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, _note)
+
+
+def agreed_signal(trainer):
+    """The signal that stops this update on every worker (0 for none). Collective when there are several."""
+    mine = _received[0] if _received else 0
+    if trainer.data_parallel_world_size <= 1:
+        return mine
+    import torch
+    from fairseq.distributed import utils as distributed_utils
+
+    flag = torch.tensor([mine], dtype=torch.long, device=trainer.device)
+    distributed_utils.all_reduce(flag, trainer.data_parallel_process_group, op="max")
+    return int(flag.item())
+
+
+class Preempted(SystemExit):
+    """Leaves fairseq-train with status 128 + signal, after the checkpoint is saved."""
+
+    def __init__(self, signum):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _stopping_at_update_boundaries(original, checkpoint_utils):
+    def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
+        valid_losses, should_stop = original(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+        signum = agreed_signal(trainer)
+        if signum and not should_stop:
+            updates = trainer.get_num_updates()
+            if getattr(checkpoint_utils.save_checkpoint, "b2t_last_update", None) != updates:
+                # no validation: it would add a best-checkpoint decision the uninterrupted run never made
+                checkpoint_utils.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)
+            name = signal.Signals(signum).name
+            logger.warning(f"{name}: stopped after update {updates} with checkpoint_last.pt saved in "
+                           f"{os.path.abspath(cfg.checkpoint.save_dir)}; rerun the same command to continue")  # fmt: skip
+            raise Preempted(signum)
+        return valid_losses, should_stop
+
+    validate_and_save.__wrapped__ = original
+    return validate_and_save
+
+
+def _recording_saved_update(original):
+    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+        out = original(cfg, trainer, epoch_itr, val_loss)
+        save_checkpoint.b2t_last_update = trainer.get_num_updates()
+        return out
+
+    save_checkpoint.__wrapped__ = original
+    for name in ("best",):  # fairseq keeps the best validation loss as an attribute of its function
+        if hasattr(original, name):
+            setattr(save_checkpoint, name, getattr(original, name))
+    return save_checkpoint
+
+
+def install():
+    """Wrap fairseq-train's per-update step (fairseq_cli.train.validate_and_save, also when fairseq_cli.train
+    runs as ``__main__`` under torchrun) and fairseq's checkpoint saving (idempotent)."""
+    from fairseq import checkpoint_utils
+
+    if not hasattr(checkpoint_utils.save_checkpoint, "__wrapped__"):
+        checkpoint_utils.save_checkpoint = _recording_saved_update(checkpoint_utils.save_checkpoint)
+    import fairseq_cli.train as train_module
+
+    modules = [train_module]
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(main, "validate_and_save", None) is not None and getattr(
+        getattr(main, "validate_and_save"), "__module__", None
+    ) in ("__main__", "fairseq_cli.train"):
+        modules.append(main)
+    for module in modules:
+        if not hasattr(module.validate_and_save, "__wrapped__"):
+            module.validate_and_save = _stopping_at_update_boundaries(module.validate_and_save, checkpoint_utils)
