@@ -116,3 +116,34 @@ def test_two_cpu_nodes_train_as_one_process_with_the_same_batch(toy_corpus, tmp_
     assert one["model"].keys() == two["model"].keys()
     for name, weight in one["model"].items():
         torch.testing.assert_close(two["model"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sbatch_requeues_a_job_that_stopped_after_saving(tmp_path):
+    """train.sbatch puts the job back in the queue when its nodes stopped (a signal, or a failure) after saving a
+    checkpoint in this allocation, and not when nothing was saved (a failure that a rerun would repeat)."""
+    from b2t_fairseq.recipes.common import sbatch_script
+
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    sbatch = save / SBATCH_FILE
+    sbatch.write_text(sbatch_script({"recipe": "wmt_en_de", "method": "b2t", "depth": 6, "nodes": 2, "gpus": 8}, save))
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, body in {"srun": '[ -n "$SAVES" ] && touch "$SAVES"\nexit "$STATUS"',
+                       "scontrol": 'echo "$@" >> "$CALLS"'}.items():  # fmt: skip
+        tool = fake_bin / name
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls"
+    path = f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+
+    def submit(status, saves):
+        env = dict(os.environ, PATH=path, STATUS=str(status), SAVES=saves, CALLS=str(calls), SLURM_JOB_ID="42")
+        return subprocess.run(["bash", str(sbatch)], env=env).returncode
+
+    assert submit(143, str(save / "checkpoint_last.pt")) == 143
+    assert calls.read_text() == "requeue 42\n"
+    calls.unlink()
+    os.utime(save / "checkpoint_last.pt", (1, 1))  # saved long before this allocation
+    assert submit(1, "") == 1 and not calls.exists()
+    assert submit(0, str(save / "checkpoint_last.pt")) == 0 and not calls.exists()  # finished: nothing to requeue

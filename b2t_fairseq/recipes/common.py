@@ -249,6 +249,7 @@ exec "${{PYTHON:-{python}}}" -m torch.distributed.run --nnodes {nodes} --nproc-p
 def sbatch_script(info, save_dir):
     gpus = f"#SBATCH --gpus-per-node={info['gpus']}\n" if info["gpus"] else ""
     save_dir = Path(save_dir).resolve()
+    last_arg, last_ckpt = shlex.quote(str(save_dir / LAUNCH_FILE)), shlex.quote(str(save_dir / "checkpoint_last.pt"))
     return f"""#!/usr/bin/env bash
 #SBATCH --job-name=b2t-{info["recipe"]}-{info["method"]}-{info["depth"]}l
 #SBATCH --nodes={info["nodes"]}
@@ -258,10 +259,12 @@ def sbatch_script(info, save_dir):
 # and exit; --requeue puts the job back in the queue, where it resumes from that checkpoint
 #SBATCH --signal=USR1@180
 #SBATCH --requeue
+started=$(date +%s)
 # one task per node runs {LAUNCH_FILE}, which starts that node's workers with torchrun
-srun bash {shlex.quote(str(save_dir / LAUNCH_FILE))} || status=$?
-if [ "${{status:-0}}" -ne 0 ] && [ -n "${{SLURM_JOB_ID:-}}" ] && [ -f {shlex.quote(str(save_dir / "checkpoint_last.pt"))} ]; then
-    scontrol requeue "$SLURM_JOB_ID"  # stopped by a signal (or failed) with a checkpoint to resume from
+srun bash {last_arg} || status=$?
+saved=$(stat -c %Y {last_ckpt} 2>/dev/null || echo 0)
+if [ "${{status:-0}}" -ne 0 ] && [ -n "${{SLURM_JOB_ID:-}}" ] && [ "$saved" -ge "$started" ]; then
+    scontrol requeue "$SLURM_JOB_ID"  # stopped after saving progress in this allocation: continue in the next one
 fi
 exit "${{status:-0}}"
 """
