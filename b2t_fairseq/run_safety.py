@@ -16,6 +16,7 @@ writes checkpoints. Installed when the plugin is imported; each piece is narrow 
 import logging
 import os
 import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -130,7 +131,40 @@ def _guarded_loader(original):
     return load_checkpoint_to_cpu
 
 
-# ------------------------------------------------------------------ atomic copies
+# ------------------------------------------------------------------ atomic copies, full disks
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _disk_full(exc, directory):
+    """Whether a failed write ran out of space: an errno says so, or (torch's writer keeps no errno) the file
+    system has less than 1 MiB left."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _no_space_error(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    last = os.path.join(directory, "checkpoint_last.pt")
+    kept = f"{last} still holds the previous state" if os.path.exists(last) else "no checkpoint_last.pt was written yet"
+    return B2TConfigError(
+        f"no space left on the device of {directory} while writing {os.path.basename(path)}; {kept}. Free space "
+        "(e.g. delete epoch checkpoints you will not average) and rerun the same command to continue; "
+        "--keep-last-epochs N keeps fewer of them from then on"
+    )
+
+
 def _atomic_copy(original):
     def copy(src_path, dst_path, overwrite=False):
         if not (os.path.isfile(src_path) and os.path.isdir(os.path.dirname(os.path.abspath(dst_path)))):
@@ -138,12 +172,156 @@ def _atomic_copy(original):
         if os.path.exists(dst_path) and not overwrite:
             return original(src_path, dst_path, overwrite)
         tmp = f"{dst_path}.tmp-copy"
-        shutil.copyfile(src_path, tmp)
-        os.replace(tmp, dst_path)
+        _remove_quietly(tmp)
+        try:
+            try:
+                # fairseq only ever replaces checkpoint files by renaming new ones over them, so a second name for
+                # the same bytes is as good as a copy, and needs neither the space nor the time of one
+                os.link(src_path, tmp)
+            except OSError:
+                shutil.copyfile(src_path, tmp)
+            os.replace(tmp, dst_path)
+        except BaseException as exc:
+            _remove_quietly(tmp)
+            if isinstance(exc, Exception) and _disk_full(exc, os.path.dirname(os.path.abspath(dst_path))):
+                raise _no_space_error(dst_path) from None
+            raise
         return True
 
     copy.__wrapped__ = original
     return copy
+
+
+def _whole_or_no_save(original):
+    """fairseq writes a checkpoint to NAME.tmp and renames it; a failed write (a full disk) left the .tmp behind
+    and ended training with torch's traceback."""
+
+    def torch_persistent_save(obj, filename, async_write=False):
+        try:
+            return original(obj, filename, async_write)
+        except Exception as exc:
+            if isinstance(filename, str) and not async_write:
+                full = _disk_full(exc, os.path.dirname(os.path.abspath(filename)))
+                _remove_quietly(filename + ".tmp")
+                if full:
+                    raise _no_space_error(filename) from None
+            raise
+
+    torch_persistent_save.__wrapped__ = original
+    return torch_persistent_save
+
+
+# ------------------------------------------------------------------ one run per save dir
+LOCK_FILE = "train.lock"
+RUN_KEY = "b2t_run"  # in a checkpoint's extra_state: which run wrote it ({"id", "started"})
+_held_locks = {}  # save dir -> the open lock file, held for the life of the process
+_CHECKPOINT_NAME = re.compile(r"checkpoint(?:(\d+)|_(\d+)_(\d+)|_best|_last|\.best_)(?:[-.\w]*)\.pt")
+
+
+def is_training_checkpoint_name(name):
+    """checkpoint3.pt, checkpoint_3_500.pt, checkpoint_best.pt, checkpoint_last.pt (any --checkpoint-suffix)."""
+    return _CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def training_checkpoints(directory):
+    """The checkpoint files fairseq-train writes in ``directory`` (numbered, best, last), newest numbered first."""
+    found = []
+    for path in Path(directory).glob("checkpoint*.pt"):
+        m = _CHECKPOINT_NAME.fullmatch(path.name)
+        if m:
+            epoch, e2, update = m.groups()
+            order = (int(epoch), 1 << 62) if epoch else (int(e2), int(update)) if e2 else (-1, -1)
+            found.append((order, path))
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
+def lock_save_dir(save_dir):
+    """Hold SAVE_DIR/train.lock for the life of this process; one line naming the holder when another run has it.
+    (An advisory flock: it works across nodes where the shared file system supports it, as NFSv4 and Lustre
+    mounted with -o flock do.)"""
+    import fcntl
+    import socket
+    import time
+
+    key = os.path.realpath(save_dir)
+    if key in _held_locks:
+        return
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, LOCK_FILE)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise B2TConfigError(
+            f"{save_dir} is being trained by another fairseq-train ({holder}; {path}); two runs in one --save-dir "
+            "would write over each other's checkpoints: wait for that run to end, or use another --save-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _held_locks[key] = f
+
+
+def refuse_to_start_over(save_dir, last_name):
+    """Starting from scratch in a save dir that holds another run's checkpoints would write over them."""
+    if os.path.exists(os.path.join(save_dir, last_name)):
+        return
+    others = [p for p in training_checkpoints(save_dir) if p.name != last_name]
+    if others:
+        newest = next((p for p in others if p.name != "checkpoint_best.pt"), others[0])
+        names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise B2TConfigError(
+            f"{save_dir} holds checkpoints of an earlier run ({names}) but no {last_name}, so this run would start "
+            f"from scratch and write over them; to continue that run: cp {newest} {os.path.join(save_dir, last_name)}"
+            " (then rerun), or start the new run in another --save-dir"
+        )
+
+
+def new_run():
+    import time
+    import uuid
+
+    return {"id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_of(state):
+    """The run record of a loaded checkpoint, or None for one written without the plugin (or before it kept one)."""
+    extra = state.get("extra_state") if isinstance(state, dict) else None
+    return extra.get(RUN_KEY) if isinstance(extra, dict) else None
+
+
+def _owned_save_dir(original):
+    def load_checkpoint(cfg, trainer, **passthrough_args):
+        last_name = f"checkpoint_last{trainer.checkpoint_suffix}.pt"
+        own_last = cfg.restore_file == "checkpoint_last.pt"
+        resuming = own_last and os.path.exists(os.path.join(cfg.save_dir, last_name))
+        if not cfg.no_save:
+            if own_last and cfg.finetune_from_model is None and getattr(cfg, "continue_once", None) is None:
+                refuse_to_start_over(cfg.save_dir, last_name)
+            if trainer.should_save_checkpoint_on_current_rank:
+                lock_save_dir(cfg.save_dir)
+        extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+        previous = (extra_state or {}).get(RUN_KEY) if resuming and not cfg.reset_dataloader else None
+        trainer.b2t_run = previous or new_run()
+        return extra_state, epoch_itr
+
+    load_checkpoint.__wrapped__ = original
+    return load_checkpoint
+
+
+def _recording_the_run(original):
+    def state_dict(self):
+        state = original(self)
+        if getattr(self, "b2t_run", None) is not None:
+            state["extra_state"][RUN_KEY] = dict(self.b2t_run)
+        return state
+
+    state_dict.__wrapped__ = original
+    return state_dict
 
 
 # ------------------------------------------------------------------ precision flags without a GPU
@@ -244,8 +422,14 @@ def install():
     if not hasattr(Trainer.get_train_iterator, "__wrapped__"):
         Trainer.get_train_iterator = _resume_batches_as_built(Trainer.get_train_iterator)
 
+    if not hasattr(checkpoint_utils.load_checkpoint, "__wrapped__"):
+        checkpoint_utils.load_checkpoint = _owned_save_dir(checkpoint_utils.load_checkpoint)
+    if not hasattr(Trainer.state_dict, "__wrapped__"):
+        Trainer.state_dict = _recording_the_run(Trainer.state_dict)
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
         checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)
+    if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):
+        checkpoint_utils.torch_persistent_save = _whole_or_no_save(checkpoint_utils.torch_persistent_save)
     if not hasattr(PathManager.copy, "__wrapped__"):
         PathManager.copy = staticmethod(_atomic_copy(PathManager.copy))
 

@@ -118,6 +118,10 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
             f.write(open(a, "rb").read()[:100])
         raise KeyboardInterrupt
 
+    def no_links_here(a, b):  # a file system without hard links: the copy is a real copy
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links_here)
     monkeypatch.setattr(shutil, "copyfile", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
         PathManager.copy(str(src), str(dst), overwrite=True)
@@ -126,6 +130,105 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
     assert PathManager.copy(str(src), str(dst), overwrite=True)
     assert dst.read_bytes() == b"new" * 1000
     assert not list(tmp_path.glob("*.tmp*"))
+    assert os.path.samefile(src, dst)  # where links exist, the "copy" takes no space (a full disk cannot stop it)
+
+
+def _tmpfs(path, size):
+    """A file system of ``size`` at ``path``, or skip (mounting needs root and a kernel that lets us)."""
+    import subprocess
+
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({proc.stderr.decode().strip() or 'not root'})")
+    return path
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_continues(toy_corpus, tmp_path):
+    """Each checkpoint of the tiny model is 2.3 MB: an 8 MB file system takes three epochs' worth."""
+    import subprocess
+
+    save_dir = _tmpfs(tmp_path / "small-disk", "8m")
+    try:
+        proc = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 5, check=False)
+        _one_line_error(proc, "no space left", "checkpoint4.pt", "checkpoint_last.pt still holds the previous state",
+                        "rerun the same command")  # fmt: skip
+        names = sorted(p.name for p in save_dir.iterdir())
+        assert names == ["checkpoint1.pt", "checkpoint2.pt", "checkpoint3.pt", "checkpoint_best.pt",
+                         "checkpoint_last.pt", "train.lock"], names  # no .tmp left behind  # fmt: skip
+        assert (save_dir / "checkpoint_last.pt").samefile(save_dir / "checkpoint3.pt")  # the newest whole epoch
+        for name in ("checkpoint1.pt", "checkpoint2.pt"):  # the fix the line names: free space, rerun
+            (save_dir / name).unlink()
+        resumed = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 5)
+        assert "Loaded checkpoint" in resumed.stdout and (save_dir / "checkpoint5.pt").is_file()
+    finally:
+        subprocess.run(["umount", str(save_dir)])
+
+
+# ------------------------------------------------------------------ one run per save dir
+@pytest.mark.slow
+def test_a_save_dir_belongs_to_one_run(toy_corpus, b2t_run, tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import BIN, cli_env
+
+    save_dir = _copy_run(b2t_run, tmp_path)
+    # a second fairseq-train in a save dir that is being trained is refused, naming the first
+    cmd = [str(BIN / "fairseq-train"), str(toy_corpus["data_bin"]), "--user-dir", str(PLUGIN_DIR), "--arch",
+           "transformer_b2t", *TINY_MODEL, *TINY_OPTIM, "--save-dir", str(save_dir), "--max-epoch", "3",
+           "--log-interval", "1"]  # fmt: skip
+    first = subprocess.Popen(cmd, env=cli_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for line in first.stdout:
+            if "train_inner" in line:
+                first.send_signal(signal.SIGSTOP)  # paused mid-epoch, holding its save dir
+                break
+        second = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3, check=False)
+        _one_line_error(second, "being trained by another fairseq-train", f"pid {first.pid}", "train.lock",
+                        "another --save-dir")  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+
+    # starting from scratch beside another run's checkpoints is refused; the fix it names resumes that run
+    (save_dir / "checkpoint_last.pt").unlink()
+    proc = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 4, check=False)
+    line = _one_line_error(proc, "holds checkpoints of an earlier run", "would start from scratch")
+    fix = line.split("to continue that run: ", 1)[1].split(" (then rerun)")[0]
+    assert fix == f"cp {save_dir / 'checkpoint3.pt'} {save_dir / 'checkpoint_last.pt'}"
+    subprocess.run(fix, shell=True, check=True)
+    resumed = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 4)
+    assert "Loaded checkpoint" in resumed.stdout and "begin training epoch 4" in resumed.stdout
+    assert (save_dir / "checkpoint4.pt").is_file()
+
+    # every checkpoint names its run; averaging checkpoints of two runs with equal settings is refused
+    other = tmp_path / "other"
+    _train(toy_corpus["data_bin"], other, "--max-epoch", 1)
+    proc = run("b2t-average-checkpoints", "--inputs", save_dir / "checkpoint4.pt", other / "checkpoint1.pt",
+               "--output", tmp_path / "avg.pt", check=False)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "written by two runs" in proc.stderr and not (tmp_path / "avg.pt").exists()
+    ok = run("b2t-average-checkpoints", "--inputs", save_dir, "--num-epoch-checkpoints", 4, "--output",
+             tmp_path / "avg.pt")  # the resumed run is one run from its first epoch to its last  # fmt: skip
+    assert (tmp_path / "avg.pt").is_file(), ok.stdout
+
+
+@pytest.mark.parametrize("output", ["checkpoint_last.pt", "checkpoint2.pt", "checkpoint_2_18.pt", "checkpoint_best.pt"])
+def test_an_average_never_replaces_a_training_checkpoint(b2t_run, tmp_path, output):
+    save_dir = _copy_run(b2t_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in save_dir.iterdir()}
+    proc = run("b2t-average-checkpoints", "--inputs", save_dir, "--num-epoch-checkpoints", 2, "--output",
+               save_dir / output, check=False)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"--output {save_dir / output}" in proc.stderr and "averaged.pt" in proc.stderr
+    assert {p.name: p.read_bytes() for p in save_dir.iterdir()} == before
+    # the name it suggests is accepted
+    run("b2t-average-checkpoints", "--inputs", save_dir, "--num-epoch-checkpoints", 2, "--output",
+        save_dir / "averaged.pt")  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", ["--fp16", "--bf16"])

@@ -16,7 +16,7 @@ import torch
 from b2t_fairseq import atomic
 from b2t_fairseq.checkpoint_compat import load_checkpoint
 from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.run_safety import damaged_checkpoint_error, describe_difference, identity
+from b2t_fairseq.run_safety import damaged_checkpoint_error, describe_difference, identity, is_training_checkpoint_name, run_of
 
 EPOCH_PATTERN = re.compile(r"checkpoint(\d+)\.pt")
 UPDATE_PATTERN = re.compile(r"checkpoint_\d+_(\d+)\.pt")
@@ -58,7 +58,7 @@ def average_checkpoints(paths):
         state = _load(path)
         model = state["model"]
         if first is None:
-            first, first_identity = (path, model), _identity(state)
+            first, first_identity, first_state = (path, model), _identity(state), state
             sums = {k: v.to(torch.float64, copy=True) if v.is_floating_point() else v for k, v in model.items()}
             continue
         ref_path, ref_model = first
@@ -66,6 +66,13 @@ def average_checkpoints(paths):
         if diff:
             raise B2TConfigError(
                 f"{path} and {ref_path} are checkpoints of different runs ({diff}); average checkpoints of one run"
+            )
+        run, ref_run = run_of(state), run_of(first_state)
+        if run and ref_run and run.get("id") != ref_run.get("id"):
+            raise B2TConfigError(
+                f"{path} and {ref_path} were written by two runs (run {run.get('id')} started {run.get('started')}, "
+                f"run {ref_run.get('id')} started {ref_run.get('started')}); average checkpoints of one "
+                "run"
             )
         if model.keys() != ref_model.keys():
             diff = sorted(model.keys() ^ ref_model.keys())
@@ -122,6 +129,20 @@ def select_checkpoints(directory, num_epoch_checkpoints=None, num_update_checkpo
     return [path for _, path in found[-wanted:]]
 
 
+def check_output(output, inputs):
+    """The average never replaces one of its inputs, nor a file fairseq-train resumes from or averages: a
+    weights-only file there would restart the run's schedule (or be averaged into the next average)."""
+    output = Path(output)
+    if any(output.resolve() == Path(p).resolve() for p in inputs):
+        raise B2TConfigError(f"--output {output} is one of the checkpoints being averaged; name the average e.g. "
+                             f"{output.with_name('averaged.pt')}")  # fmt: skip
+    if is_training_checkpoint_name(output.name):
+        raise B2TConfigError(
+            f"--output {output}: fairseq-train resumes from or averages files of that name, and an average holds no "
+            f"training state; name it e.g. {output.with_name('averaged.pt')}"
+        )
+
+
 def cli_main(argv=None):
     parser = argparse.ArgumentParser(
         prog="b2t-average-checkpoints",
@@ -158,6 +179,7 @@ def cli_main(argv=None):
             if len({p.resolve() for p in args.inputs}) != len(args.inputs):
                 parser.error("a checkpoint is listed twice in --inputs; it would count double")
             paths = args.inputs
+        check_output(args.output, paths)
         print(f"averaging {len(paths)} checkpoints:", *map(str, paths), sep="\n  ", flush=True)
         state = average_checkpoints(paths)
         args.output.parent.mkdir(parents=True, exist_ok=True)
