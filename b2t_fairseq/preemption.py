@@ -34,11 +34,23 @@ def _note(signum, frame):
     _received.append(signum)
 
 
+_previous = {}  # signal -> the handler before ours
+
+
 def install_handlers():
     """Catch the schedulers' signals in this process (the main thread of a fairseq-train worker)."""
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and not _previous:
         for signum in SIGNALS:
-            signal.signal(signum, _note)
+            _previous[signum] = signal.signal(signum, _note)
+
+
+def restore_handlers():
+    """fairseq-train's main has returned in a process that goes on (a recipe running it in-process)."""
+    if threading.current_thread() is threading.main_thread():
+        while _previous:
+            signum, handler = _previous.popitem()
+            signal.signal(signum, handler)
+    _received.clear()
 
 
 def agreed_signal(trainer):

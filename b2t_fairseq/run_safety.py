@@ -266,6 +266,13 @@ def lock_save_dir(save_dir):
     _held_locks[key] = f
 
 
+def release_save_dirs():
+    """Release the save dirs this process trained (fairseq-train's main has returned)."""
+    while _held_locks:
+        _, f = _held_locks.popitem()
+        f.close()
+
+
 def refuse_to_start_over(save_dir, last_name):
     """Starting from scratch in a save dir that holds another run's checkpoints would write over them."""
     if os.path.exists(os.path.join(save_dir, last_name)):
@@ -368,7 +375,13 @@ def _bf16_on_cuda(original):
         if bf16 and getattr(common, "tpu", False) and "--tpu" not in sys.argv and torch.cuda.is_available():
             common.tpu = False
             logger.info("--bf16 on a CUDA GPU: bf16 training on the GPU (fairseq 0.12 alone would switch to TPU mode)")
-        return original(cfg, main, **kwargs)
+        try:
+            return original(cfg, main, **kwargs)
+        finally:  # a recipe (or a test) runs fairseq-train in its own process, and goes on after it
+            from b2t_fairseq import preemption
+
+            release_save_dirs()
+            preemption.restore_handlers()
 
     call_main.__wrapped__ = original
     return call_main
