@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, train_flags
+from b2t_fairseq import toy_speech
 from b2t_fairseq.recipes import librispeech as recipe
 from b2t_fairseq.recipes.librispeech import RecipeError, build_train_command, main
 
@@ -24,10 +25,80 @@ needs_espeak = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A synthetic LibriSpeech directory: 240 training utterances, 20 in each dev/test split."""
-    from b2t_fairseq import toy_speech
-
     root = tmp_path_factory.mktemp("librispeech") / "LibriSpeech"
     return root, toy_speech.write_corpus(root, n_train=240, n_eval=20, seed=1)
+
+
+NOISE_WORDS = "one two three four five six seven eight nine".split()
+QUOTED = ('21-101-0001', 'SAID "NINE" BACK\\SLASH')  # a transcript line with the characters a TSV writer escapes
+
+
+def write_noise_corpus(root, per_chapter=3, seed=0):
+    """A LibriSpeech tree without espeak: in each split two speakers with one chapter of PER_CHAPTER utterances (four
+    times as many in training), each a fraction of a second of noise as 16 kHz FLAC with three digit words as its
+    transcript; one dev-clean line is QUOTED; and a stray README that is neither audio nor transcript.
+    Returns {split: {id: transcript}}."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    texts = {}
+    for number, split in enumerate(toy_speech.SPLITS):
+        texts[split] = {}
+        for speaker in (10 * number + 11, 10 * number + 12):
+            chapter = root / split / str(speaker) / str(100 + number)
+            chapter.mkdir(parents=True)
+            lines = []
+            for i in range(per_chapter * (4 if split.startswith("train") else 1)):
+                utt = f"{speaker}-{100 + number}-{i:04d}"
+                samples = 0.1 * rng.standard_normal(4000 + 400 * int(rng.integers(10)))
+                sf.write(chapter / f"{utt}.flac", samples.astype(np.float32), 16000, format="FLAC")
+                text = QUOTED[1] if utt == QUOTED[0] else " ".join(rng.choice(NOISE_WORDS, 3)).upper()
+                texts[split][utt] = text
+                lines.append(f"{utt} {text}\n")
+            (chapter / f"{speaker}-{100 + number}.trans.txt").write_text("".join(lines), encoding="utf-8")
+    (root / "dev-clean" / "README").write_text("not part of the corpus\n")
+    return texts
+
+
+@pytest.fixture(scope="module")
+def noise_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noise") / "LibriSpeech"
+    return root, write_noise_corpus(root)
+
+
+@pytest.fixture
+def noise(noise_corpus, tmp_path):
+    """A copy of the noise corpus to damage."""
+    root = tmp_path / "LibriSpeech"
+    shutil.copytree(noise_corpus[0], root)
+    return root, noise_corpus[1]
+
+
+@pytest.fixture(scope="module")
+def noise_prepared(noise_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("noise-prepared")
+    recipe.prepare(noise_corpus[0], out, scale="smoke")
+    return out
+
+
+def run_prepare(capsys, root, out, *flags):
+    """(exit status, stdout, stderr) of `librispeech prepare --scale smoke`."""
+    capsys.readouterr()
+    try:
+        code = main(["prepare", "--scale", "smoke", "--data", str(root), "--out", str(out), *flags])
+    except SystemExit as e:
+        code = e.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
+def refused(capsys, root, out, *names):
+    """The one-line error of a prepare that must refuse before writing anything; it names ``names``."""
+    code, _, err = run_prepare(capsys, root, out)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("librispeech: error: "), err
+    assert all(str(name) in err for name in names), err
+    assert not (out / "data").exists()
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +243,168 @@ def test_bad_input_is_one_line(tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 1 and message in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ prepare: a source that is not whole
+def test_prepare_refuses_audio_without_a_transcript(noise, tmp_path, capsys):
+    root, _ = noise
+    chapter = root / "train-clean-100" / "12" / "100"
+    trans = chapter / "12-100.trans.txt"
+    lines = trans.read_text().splitlines(keepends=True)
+    trans.unlink()
+    err = refused(capsys, root, tmp_path / "out", chapter, "12-100.trans.txt", "restore the transcript")
+    assert "12 untranscribed .flac files in train-clean-100" in err
+    trans.write_text("")
+    refused(capsys, root, tmp_path / "out", f"{trans} is empty", "restore it")
+    trans.write_text("".join(lines[:-1]))  # the chapter's last utterance lost its line
+    refused(capsys, root, tmp_path / "out", chapter / "12-100-0011.flac", f"has no line in {trans}")
+
+
+def test_prepare_refuses_a_repeated_utterance(noise, tmp_path, capsys):
+    root, _ = noise
+    trans = root / "dev-clean" / "21" / "101" / "21-101.trans.txt"
+    original = trans.read_text()
+    trans.write_text(original + "21-101-0000 ONE TWO\n")  # the same id again, as line 4 of the same file
+    refused(capsys, root, tmp_path / "out", f"{trans}:4: utterance 21-101-0000 again (first at {trans}:1)")
+    trans.write_text(original)
+    for copy in (root / "dev-clean" / "29" / "101", root / "test-other" / "59" / "101"):  # one split, two splits
+        shutil.copytree(trans.parent, copy)
+        again = f"{copy / trans.name}:1: utterance 21-101-0000 again (first at {trans}:1)"
+        refused(capsys, root, tmp_path / "out", again)
+        shutil.rmtree(copy)
+
+
+def test_prepare_refuses_unreadable_input_in_one_line(noise, tmp_path, capsys):
+    import soundfile as sf
+
+    root, _ = noise
+    trans = root / "dev-other" / "32" / "102" / "32-102.trans.txt"
+    original = trans.read_bytes()
+    lines = original.split(b"\n")
+    for bad, names in (
+        (b"\xe9", [f"{trans}:2: not UTF-8 (byte 0xe9)", "re-encode it as UTF-8"]),  # Latin-1 text
+        (b"\t", [f"{trans}:2: a tab in the transcript", "replace it with a space"]),
+        (b"\r", [f"{trans}:2: a carriage return"]),
+    ):
+        trans.write_bytes(b"\n".join([lines[0], lines[1] + bad + b"NINE", *lines[2:]]))
+        refused(capsys, root, tmp_path / "out", *names)
+    trans.write_bytes(original)
+
+    flac = root / "test-clean" / "41" / "103" / "41-103-0002.flac"
+    samples = np.zeros(8000, dtype=np.float32)
+    samples[3200] = np.nan  # a float WAV under the .flac name, as a broken conversion leaves it
+    sf.write(flac, samples, 16000, format="WAV", subtype="FLOAT")
+    code, _, err = run_prepare(capsys, root, tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{flac}: 1 NaN or infinite sample(s), the first at 0.200 s; restore it" in err
+    flac.write_bytes(b"fLaC" + bytes(range(256)) * 4)  # not audio at all
+    code, _, err = run_prepare(capsys, root, tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1 and f"{flac}: cannot read audio" in err, err
+
+
+def test_manifest_text_is_the_transcript_as_fairseq_reads_it(noise_prepared):
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDatasetCreator
+    from fairseq.data.encoders import build_bpe
+
+    data = noise_prepared / "data"
+    expected = 'said "nine" back\\slash'  # the transcript lower-cased, nothing escaped
+    rows = SpeechToTextDatasetCreator._load_samples_from_tsv(str(data), "dev-clean")  # what fairseq-train reads
+    trained = {r["id"]: r["tgt_text"] for r in rows}
+    scored = {r["id"]: r["tgt_text"] for r in recipe.read_manifest(data / "dev-clean.tsv")}
+    assert trained[QUOTED[0]] == scored[QUOTED[0]] == expected
+    model = str(data / "spm_unigram40.model")
+    bpe = build_bpe(type("A", (), {"bpe": "sentencepiece", "sentencepiece_model": model})())
+    assert bpe.decode(bpe.encode(expected)) == expected
+
+
+def test_rerun_redoes_exactly_what_a_changed_source_feeds(noise, tmp_path, capsys):
+    """A chapter added (e.g. its transcript restored), a transcript line corrected and an audio file replaced: the
+    rerun redoes the features, manifests, CMVN and vocabulary made from them, reuses the rest, and a rerun after it
+    changes no byte."""
+    import soundfile as sf
+    from fairseq.data.audio.audio_utils import get_features_or_waveform
+
+    root, texts = noise
+    out, data = tmp_path / "out", tmp_path / "out" / "data"
+    chapter = root / "train-clean-100" / "12" / "100"
+    shutil.move(chapter, tmp_path / "away")
+    code, printed, _ = run_prepare(capsys, root, out)
+    assert code == 0 and "dev-clean: ignored 1 files" in printed and "dev-clean/README" in printed
+    assert json.loads((data / "prepared.json").read_text())["ignored"] == {"dev-clean": ["dev-clean/README"]}
+    assert len(recipe.read_manifest(data / "train-clean-100.tsv")) == 12
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+
+    shutil.move(tmp_path / "away", chapter)
+    trans = chapter / "12-100.trans.txt"  # the restored chapter brings the first words with a "q" and a "z"
+    restored = {utt: f"{text} QUIZ" for utt, text in texts["train-clean-100"].items() if utt.startswith("12-")}
+    trans.write_text("".join(f"{utt} {text}\n" for utt, text in restored.items()))
+    dev = root / "dev-clean" / "22" / "101" / "22-101.trans.txt"
+    dev.write_text(dev.read_text().replace("22-101-0002 ", "22-101-0002 EIGHT EIGHT "))
+    replaced = root / "dev-other" / "31" / "102" / "31-102-0000.flac"
+    sf.write(replaced, np.full(5600, 0.01, dtype=np.float32), 16000, format="FLAC")
+    code, printed, _ = run_prepare(capsys, root, out)
+    assert code == 0
+    assert "train-clean-100: filterbanks of 12 of 24 utterances" in printed  # the 12 unchanged ones reused
+    assert "dev-other: filterbanks of 1 of 6 utterances" in printed and "dev-clean: filterbanks" not in printed
+    assert "test-clean: done" in printed
+
+    train = recipe.read_manifest(data / "train-clean-100.tsv")
+    assert sorted(r["id"] for r in train) == sorted(texts["train-clean-100"])
+    assert {r["id"]: r["tgt_text"] for r in train}["12-100-0003"] == restored["12-100-0003"].lower()
+    dev_rows = {r["id"]: r for r in recipe.read_manifest(data / "dev-clean.tsv")}
+    assert dev_rows["22-101-0002"]["tgt_text"] == "eight eight " + texts["dev-clean"]["22-101-0002"].lower()
+    other = {r["id"]: r for r in recipe.read_manifest(data / "dev-other.tsv")}
+    assert int(other["31-102-0000"]["n_frames"]) == 1 + (5600 - 400) // 160
+    assert np.allclose(get_features_or_waveform(other["31-102-0000"]["audio"]), recipe.fbank(replaced, 80))
+    frames = np.concatenate([get_features_or_waveform(r["audio"]) for r in train]).astype(np.float64)
+    stats = np.load(data / "gcmvn.npz")
+    assert np.allclose(stats["mean"], frames.mean(0), atol=1e-4) and np.allclose(stats["std"], frames.std(0), atol=1e-3)
+    assert (data / "gcmvn.npz").read_bytes() != before["gcmvn.npz"]
+    pieces = (data / "spm_unigram40.txt").read_text()
+    assert "z" not in before["spm_unigram40.txt"].decode() and "z" in pieces and "q" in pieces
+    assert (data / "test-clean.tsv").read_bytes() == before["test-clean.tsv"]
+
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, printed, _ = run_prepare(capsys, root, out)
+    assert code == 0 and "redoing" not in printed and "filterbanks" not in printed
+    assert all(f"{split}: done" in printed for split in toy_speech.SPLITS)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+# ------------------------------------------------------------------ train: validation sees every utterance
+def test_validation_batches_hold_every_utterance(noise_prepared, tmp_path, capsys):
+    """fairseq's own validation iterator, built from the recipe's train command, yields each dev utterance once.
+    The dev sets hold 6 utterances: fairseq's default --required-batch-size-multiple 8 gives none."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    data = noise_prepared / "data"
+    cmd, _ = build_train_command("b2t", 12, None, data, tmp_path / "ckpt", scale="smoke")
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), cmd[1:]))
+    task = tasks.setup_task(cfg.task)
+    trainer = Trainer(cfg, task, task.build_model(cfg.model), task.build_criterion(cfg.criterion))
+    subsets = cfg.dataset.valid_subset.split(",")
+    assert subsets == ["dev-clean", "dev-other"]
+    for subset in subsets:
+        task.load_dataset(subset, combine=False, epoch=1)
+        batches = trainer.get_valid_iterator(subset).next_epoch_itr(shuffle=False)
+        assert sorted(i for batch in batches for i in batch["id"].tolist()) == list(range(6)), subset
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "b2t", "--depth", "12", "--scale", "smoke", "--data-bin", str(data), "--save-dir",
+              str(tmp_path / "ckpt"), "--dry-run", "--", "--required-batch-size-multiple", "8"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "--required-batch-size-multiple cannot be passed" in err
+
+
+def test_a_config_asking_for_batch_multiples_is_refused(tmp_path):
+    for name in ("base", "12l", "36l", "smoke"):
+        shutil.copy(REPO / "configs" / "librispeech" / f"{name}.yaml", tmp_path)
+    with open(tmp_path / "smoke.yaml", "a") as f:
+        f.write("evaluate: {generate: {required-batch-size-multiple: 8}}\n")
+    with pytest.raises(RecipeError, match="evaluate.generate sets required-batch-size-multiple: 8; fairseq would leave out"):
+        recipe.load_config(tmp_path, scale="smoke")
 
 
 # ------------------------------------------------------------------ scoring and table

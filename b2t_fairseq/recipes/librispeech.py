@@ -15,17 +15,22 @@ train: fairseq-train --task speech_to_text with the configs/librispeech/ setting
 GPU counts); only --connection differs between methods. --depth is the number of encoder layers (the decoder
 keeps its 6). evaluate: average the last checkpoints, beam search on dev-clean, dev-other, test-clean and
 test-other, word error rate of the detokenized hypotheses against the manifest transcripts. table: Markdown.
-Every stage skips the work already done and refuses to mix two different runs.
+Every stage skips the work already done (prepare redoes what a changed source feeds) and refuses to mix two runs.
 """
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import sys
+import unicodedata
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,27 +52,81 @@ FAIRSEQ_WER = re.compile(r"^Generate (\S+) with beam=\d+: WER: ([\d.]+)\s*$", re
 
 
 # ------------------------------------------------------------------ prepare
+class Utterance(NamedTuple):
+    id: str
+    flac: Path
+    text: str  # the transcript's words, single-spaced
+    speaker: str
+    source: str  # TRANSCRIPT:LINE, for messages
+
+
+def printable_line(path, number, line):
+    """Refuse a transcript line holding a character fairseq's manifest cannot carry (its reader splits rows at line
+    breaks and columns at tabs, with no escape) or that is not text at all."""
+    bad = next((c for c in line if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        name = {"\t": "a tab", "\r": "a carriage return"}.get(bad, f"the control character U+{ord(bad):04X}")
+        raise RecipeError(f"{path}:{number}: {name} in the transcript; fairseq's tab-separated manifest cannot hold "
+                          "it: replace it with a space")  # fmt: skip
+
+
+def read_transcript(path):
+    """The lines of a transcript file, or one line naming the file (and line) that is not UTF-8 text."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); restore the file from the "
+                          "LibriSpeech archive or re-encode it as UTF-8") from None  # fmt: skip
+    if not text.strip():
+        raise RecipeError(f"{path} is empty; restore it from the LibriSpeech archive and rerun")
+    return text.split("\n")
+
+
 def read_split(root, split):
-    """[(utterance id, FLAC path, transcript, speaker)] of one LibriSpeech split, in id order."""
+    """([Utterance] of one LibriSpeech split in id order, [files under it that are neither audio nor transcript]).
+    Every audio file must have a transcript line and every line its audio file: a chapter that lost its transcript
+    would otherwise vanish from the manifests without a word. `prepare` checks that no id repeats."""
     directory = Path(root) / split
     if not directory.is_dir():
         raise RecipeError(f"{directory} does not exist (--data must hold the LibriSpeech splits, e.g. "
                           f"LibriSpeech/{split}/SPEAKER/CHAPTER/*.flac)")  # fmt: skip
+    audio, transcripts, ignored = set(), [], []
+    files = (Path(parent) / name for parent, _, names in os.walk(directory, followlinks=True) for name in names)
+    for path in sorted(files):
+        in_chapter = len(path.relative_to(directory).parts) == 3
+        if in_chapter and path.name.endswith(".trans.txt"):
+            transcripts.append(path)
+        elif in_chapter and path.suffix == ".flac":
+            audio.add(path)
+        else:
+            ignored.append(path)
     utterances = []
-    for trans in sorted(directory.glob("*/*/*.trans.txt")):
-        for number, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+    for trans in transcripts:
+        for number, line in enumerate(read_transcript(trans), 1):
             if not line.strip():
                 continue
+            printable_line(trans, number, line)
             utt, _, text = line.strip().partition(" ")
             flac = trans.parent / f"{utt}.flac"
             if not text.strip():
                 raise RecipeError(f"{trans}:{number}: no transcript after the utterance id {utt}")
-            if not flac.is_file():
-                raise RecipeError(f"{trans}:{number}: {flac} does not exist")
-            utterances.append((utt, flac, " ".join(text.split()), utt.split("-")[0]))
+            if flac not in audio:
+                raise RecipeError(f"{trans}:{number}: {flac} does not exist; restore it from the {split} archive (or "
+                                  "delete the line to leave the utterance out)")  # fmt: skip
+            utterances.append(Utterance(utt, flac, " ".join(text.split()), utt.split("-")[0], f"{trans}:{number}"))
+    untranscribed = sorted(audio - {u.flac for u in utterances})
+    if untranscribed:
+        flac = untranscribed[0]
+        chapter = [t for t in transcripts if t.parent == flac.parent]
+        why = (f"has no line in {chapter[0]}" if chapter else
+               f"has no transcript: {flac.parent} holds no {flac.parent.parent.name}-{flac.parent.name}.trans.txt")
+        raise RecipeError(f"{flac} {why} ({len(untranscribed)} untranscribed .flac files in {split}); restore the "
+                          f"transcript from the {split} archive (or delete the audio to leave it out) and rerun")
     if not utterances:
         raise RecipeError(f"{directory} holds no SPEAKER/CHAPTER/*.trans.txt transcripts")
-    return sorted(utterances)
+    return sorted(utterances, key=lambda u: u.id), ignored  # stable: a repeated id stays in reading order
 
 
 def normalize(text):
@@ -86,9 +145,13 @@ def fbank(path, num_bins):
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as e:
-        raise RecipeError(f"{path}: cannot read audio ({e})") from None
+        raise RecipeError(f"{path}: cannot read audio ({e}); restore it from the LibriSpeech archive") from None
     if rate != SAMPLE_RATE or samples.shape[1] != 1:
         raise RecipeError(f"{path}: {rate} Hz, {samples.shape[1]} channel(s); LibriSpeech audio is 16 kHz mono")
+    broken = np.flatnonzero(~np.isfinite(samples[:, 0]))
+    if len(broken):  # only a float file can hold them (FLAC cannot); the filterbank would be NaN or fail
+        raise RecipeError(f"{path}: {len(broken)} NaN or infinite sample(s), the first at "
+                          f"{broken[0] / SAMPLE_RATE:.3f} s; restore it from the LibriSpeech archive")  # fmt: skip
     opts = knf.FbankOptions()
     opts.frame_opts.dither = 0.0
     opts.frame_opts.samp_freq = SAMPLE_RATE
@@ -107,18 +170,43 @@ def _write_features(job):
         np.save(f, fbank(flac, num_bins))
 
 
-def extract_split(utterances, features_dir, split, num_bins, workers=1):
-    """features_dir/SPLIT.zip: one stored (uncompressed) .npy per utterance, and {id: (zip:offset:length,
-    frames)}. Each .npy is written on its own first (a rerun continues after the last one written), the zip once
-    all exist; then the loose files go."""
-    archive = features_dir / f"{split}.zip"
-    loose = features_dir / split
-    if not archive.is_file():
+def digest(*inputs):
+    return hashlib.sha256(json.dumps(inputs, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def audio_listing(root, utterances):
+    """{id: [path under --data, bytes, modification time in ns]}: what tells a split's features are still its
+    audio's, without reading the audio again."""
+    listing = {}
+    for u in utterances:
+        stat = u.flac.stat()
+        listing[u.id] = [u.flac.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns]
+    return listing
+
+
+def _computed_since_audio_changed(npy, flac):
+    # st_ctime: unlike the modification time, a copy or an archive extraction cannot set it back
+    return npy.is_file() and npy.stat().st_mtime_ns > flac.stat().st_ctime_ns
+
+
+def extract_split(utterances, listing, features_dir, split, num_bins, workers=1):
+    """features_dir/SPLIT.zip: one stored (uncompressed) .npy per utterance, and beside it SPLIT.audio.json, the
+    audio ``listing`` it was built from. A zip whose listing differs from the split's audio now is rebuilt, taking
+    the features of the audio files that did not change from it. Each feature to compute is written on its own
+    first (a rerun continues after the last one written), the zip once all exist; then the loose files go."""
+    archive, record, loose = (features_dir / f"{split}{suffix}" for suffix in (".zip", ".audio.json", ""))
+    built = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and archive.is_file() else None
+    if built != listing:
+        keep = {utt for utt, audio in (built or {}).items() if listing.get(utt) == audio}
+        if built is not None:
+            print(f"{split}: {len(listing) - len(keep)} utterances new or changed, {len(set(built) - set(listing))} "
+                  f"gone since {archive} was built; rebuilding it", flush=True)  # fmt: skip
         loose.mkdir(parents=True, exist_ok=True)
-        todo = [u for u in utterances if not (loose / f"{u[0]}.npy").is_file()]
+        todo = [u for u in utterances
+                if u.id not in keep and not _computed_since_audio_changed(loose / f"{u.id}.npy", u.flac)]
         if todo:
             print(f"{split}: filterbanks of {len(todo)} of {len(utterances)} utterances", flush=True)
-        jobs = [(utt, flac, loose / f"{utt}.npy", num_bins) for utt, flac, _, _ in todo]
+        jobs = [(u.id, u.flac, loose / f"{u.id}.npy", num_bins) for u in todo]
         if workers > 1 and len(jobs) > 1:
             import multiprocessing
 
@@ -129,10 +217,21 @@ def extract_split(utterances, features_dir, split, num_bins, workers=1):
             for job in jobs:
                 _write_features(job)
         with atomic.atomic_path(archive) as tmp:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-                for utt, *_ in utterances:  # fixed dates: the same features give the same bytes
-                    member = zipfile.ZipInfo(f"{utt}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                    z.writestr(member, (loose / f"{utt}.npy").read_bytes(), compress_type=zipfile.ZIP_STORED)
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z, \
+                 (zipfile.ZipFile(archive) if keep else contextlib.nullcontext()) as old:  # fmt: skip
+                for u in utterances:  # fixed dates: the same features give the same bytes
+                    member = zipfile.ZipInfo(f"{u.id}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    data = old.read(member.filename) if u.id in keep else (loose / member.filename).read_bytes()
+                    z.writestr(member, data, compress_type=zipfile.ZIP_STORED)
+            record.unlink(missing_ok=True)  # the old listing must not vouch for the new zip if we stop here
+        atomic.write_text(record, json.dumps(listing, sort_keys=True) + "\n")
+    if loose.is_dir():
+        shutil.rmtree(loose)
+    return archive
+
+
+def zip_entries(archive, utterances):
+    """{id: (zip:offset:length, frames)} of the .npy members of ``archive``, as fairseq's manifest names them."""
     entries = {}
     with zipfile.ZipFile(archive) as z, open(archive, "rb") as raw:
         for info in z.infolist():
@@ -148,29 +247,34 @@ def extract_split(utterances, features_dir, split, num_bins, workers=1):
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape = read_header(header)[0]
             entries[info.filename[: -len(".npy")]] = (f"{archive.resolve()}:{offset}:{info.file_size}", shape[0])
-    missing = [u[0] for u in utterances if u[0] not in entries]
+    missing = [u.id for u in utterances if u.id not in entries]
     if missing:
         raise RecipeError(f"{archive} lacks {len(missing)} utterances (e.g. {missing[0]}); remove it and rerun")
-    if loose.is_dir():
-        for path in loose.glob("*.npy"):
-            path.unlink()
-        loose.rmdir()
     return entries
 
 
 def write_manifest(path, utterances, entries):
-    """fairseq's TSV manifest: id, audio (zip:offset:length), n_frames, tgt_text, speaker."""
+    """fairseq's TSV manifest: id, audio (zip:offset:length), n_frames, tgt_text, speaker. Written the way fairseq
+    reads it, with neither quotes nor escapes: an escaped quote or backslash would be trained on escaped and scored
+    unescaped. (`read_split` refused the tabs and line breaks this cannot hold.)"""
     with atomic.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, lineterminator="\n")
         writer.writerow(TSV_COLUMNS)
-        for utt, _, text, speaker in utterances:
-            audio, frames = entries[utt]
-            writer.writerow((utt, audio, frames, normalize(text), speaker))
+        for u in utterances:
+            audio, frames = entries[u.id]
+            writer.writerow((u.id, audio, frames, normalize(u.text), u.speaker))
 
 
 def read_manifest(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\"))
+    """The rows of a manifest as fairseq's speech_to_text task reads them: by its own reader (a private method of
+    fairseq 0.12), so that what evaluate scores against is what the model trained on, whatever the text holds."""
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDatasetCreator
+
+    path = Path(path)
+    try:
+        rows = SpeechToTextDatasetCreator._load_samples_from_tsv(str(path.parent), path.name[: -len(".tsv")])
+    except ValueError:  # fairseq's word for a manifest without rows
+        rows = []
     if not rows or set(TSV_COLUMNS) - set(rows[0]):
         raise RecipeError(f"{path} is not a {PROG} manifest (columns {', '.join(TSV_COLUMNS)})")
     return rows
@@ -198,8 +302,6 @@ def train_sentencepiece(texts, prefix, settings):
     import sentencepiece as spm
 
     model, vocab = Path(f"{prefix}.model"), Path(f"{prefix}.txt")
-    if model.is_file() and vocab.is_file():
-        return model, vocab
     scratch = Path(f"{prefix}.partial")
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "text.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
@@ -244,12 +346,50 @@ def needs(*modules):
                           "(kaldi-native-fbank, soundfile, editdistance)")  # fmt: skip
 
 
+class Sources:
+    """OUT/sources.json: for each output of `prepare`, the digest of the inputs it was made from. An output is
+    redone when it is missing or its inputs changed, and so is everything made from it (their inputs include its
+    own): a rerun after the corpus changed cannot keep a stale manifest, CMVN or vocabulary, nor redo what did not
+    change."""
+
+    def __init__(self, out):
+        self.out, self.path = out, out / "sources.json"
+        self.digests = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+
+    def stale(self, output, inputs, *companions):
+        """Whether ``output`` (written together with ``companions``) must be made from ``inputs``."""
+        if all(p.is_file() for p in (output, *companions)):
+            if self.digests.get(self._key(output)) == inputs:
+                return False
+            print(f"{output}: made from other sources than the current ones (see {self.path}); redoing it", flush=True)
+        return True
+
+    def record(self, output, inputs):
+        self.digests[self._key(output)] = inputs
+        atomic.write_text(self.path, json.dumps(self.digests, indent=2, sort_keys=True) + "\n")
+
+    def _key(self, output):
+        return output.relative_to(self.out).as_posix()
+
+
+def check_ids_unique(splits):
+    """One line naming both transcript lines of an utterance id given twice, in one split or two: the manifest
+    would hold it twice (or a test utterance would be trained on)."""
+    first = {}
+    for utterances in splits.values():
+        for u in utterances:
+            if u.id in first:
+                raise RecipeError(f"{u.source}: utterance {u.id} again (first at {first[u.id]}); an utterance belongs "
+                                  "in one transcript line of the corpus: remove one of the two")  # fmt: skip
+            first[u.id] = u.source
+
+
 def prepare(data, out, scale=None, config_dir=None, workers=1):
     needs("kaldi_native_fbank", "soundfile")
     config = load_config(config_dir, scale=scale)["prepare"]
-    out = Path(out)
+    data, out = Path(data), Path(out)
     train_splits, eval_splits = list(config["train_splits"]), list(config["eval_splits"])
-    plan = {"source": str(Path(data).resolve()), "train_splits": train_splits, "eval_splits": eval_splits,
+    plan = {"source": str(data.resolve()), "train_splits": train_splits, "eval_splits": eval_splits,
             "num_mel_bins": int(config["num_mel_bins"]), "sentencepiece": config["sentencepiece"],
             "specaugment": config["specaugment"]}  # fmt: skip
     marker = out / "plan.json"
@@ -257,29 +397,48 @@ def prepare(data, out, scale=None, config_dir=None, workers=1):
     if old != plan:
         changed = sorted(k for k in plan if old.get(k) != plan[k])
         raise RecipeError(f"{out} was prepared with other {', '.join(changed)} (see {marker}); use another --out")
-    splits = {split: read_split(data, split) for split in train_splits + eval_splits}  # every input checked first
+    splits, ignored = {}, {}
+    for split in train_splits + eval_splits:  # every input checked before anything is written
+        splits[split], ignored[split] = read_split(data, split)
+    check_ids_unique(splits)
     if not marker.is_file():
         out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(marker, json.dumps(plan, indent=2) + "\n")
-    data_dir, features = out / "data", out / "fbank80"
+    ignored = {s: [p.relative_to(data).as_posix() for p in paths] for s, paths in ignored.items() if paths}
+    for split, paths in ignored.items():
+        print(f"{split}: ignored {len(paths)} files that are neither SPEAKER/CHAPTER/*.flac nor *.trans.txt: "
+              f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} (all listed in {PREPARED})", flush=True)
+    data_dir, features, sources = out / "data", out / "fbank80", Sources(out)
     data_dir.mkdir(exist_ok=True)
+    features_of = {}
     for split, utterances in splits.items():
+        listing = audio_listing(data, utterances)
+        archive = extract_split(utterances, listing, features, split, plan["num_mel_bins"], workers)
+        features_of[split] = digest(listing)
         manifest = data_dir / f"{split}.tsv"
-        if manifest.is_file():
+        inputs = digest(features_of[split], [(u.id, normalize(u.text), u.speaker) for u in utterances])
+        if not sources.stale(manifest, inputs):
             print(f"{split}: done ({manifest})", flush=True)
             continue
-        entries = extract_split(utterances, features, split, plan["num_mel_bins"], workers)
-        write_manifest(manifest, utterances, entries)
+        write_manifest(manifest, utterances, zip_entries(archive, utterances))
+        sources.record(manifest, inputs)
     cmvn = data_dir / "gcmvn.npz"
-    if not cmvn.is_file():
+    inputs = digest([features_of[s] for s in train_splits])
+    if sources.stale(cmvn, inputs):
         global_cmvn([data_dir / f"{s}.tsv" for s in train_splits], cmvn)
+        sources.record(cmvn, inputs)
     spm_settings = config["sentencepiece"]
-    texts = [normalize(u[2]) for s in train_splits for u in splits[s]]
+    texts = [normalize(u.text) for s in train_splits for u in splits[s]]
     prefix = data_dir / f"spm_{spm_settings['model_type']}{spm_settings['vocab_size']}"
-    spm_model, vocab = train_sentencepiece(texts, prefix, spm_settings)
+    spm_model, vocab = Path(f"{prefix}.model"), Path(f"{prefix}.txt")
+    inputs = digest(texts, spm_settings)
+    if sources.stale(spm_model, inputs, vocab):
+        train_sentencepiece(texts, prefix, spm_settings)
+        sources.record(spm_model, inputs)
     data_config(data_dir, spm_model, vocab, cmvn, plan["num_mel_bins"], config["specaugment"])
     facts = {"prepared_by": f"{PROG} prepare", **plan, "utterances": {s: len(u) for s, u in splits.items()},
-             "sentencepiece_model": str(spm_model), "config": str(data_dir / CONFIG_YAML)}  # fmt: skip
+             "ignored": ignored, "sentencepiece_model": str(spm_model),
+             "config": str(data_dir / CONFIG_YAML)}  # fmt: skip
     atomic.write_text(data_dir / PREPARED, json.dumps(facts, indent=2) + "\n")
     print(f"{data_dir}: " + ", ".join(f"{s} {n}" for s, n in facts["utterances"].items()) + " utterances", flush=True)
     return facts
@@ -303,6 +462,24 @@ def check_data_dir(data, subsets):
     missing = [s for s in subsets if not (data / f"{s}.tsv").is_file()]
     if missing:
         raise RecipeError(f"{data} has no manifest for {', '.join(missing)} ({missing[0]}.tsv); prepare those splits")
+
+
+# fairseq's batch_by_size (fairseq/data/data_utils.py) drops the last batch of a set when its size is not a multiple
+# of --required-batch-size-multiple (default 8), without a word: validation loses up to 7 of its shortest utterances,
+# and a set smaller than the multiple all of them (fairseq then stops with "The dataset is empty", advising more
+# tokens or more data). Batches are either smaller than the multiple or a multiple of it, so only 1 keeps them all.
+BATCH_MULTIPLE = "required-batch-size-multiple"
+
+
+def complete_batches(flags, where):
+    """``flags`` (a config section of fairseq flags) with required-batch-size-multiple 1, or one line refusing
+    another value."""
+    multiple = flags.get(BATCH_MULTIPLE, 1)
+    if str(multiple) != "1":
+        raise RecipeError(f"{where} sets {BATCH_MULTIPLE}: {multiple}; fairseq would leave out the last batch of each "
+                          f"set whose size is not a multiple of {multiple} (all of a set smaller than it) without a "
+                          "word: set it to 1 or remove it")  # fmt: skip
+    return {**flags, BATCH_MULTIPLE: 1}
 
 
 def _flag(cmd, name):
@@ -380,7 +557,16 @@ class LibriSpeech(Recipe):
     decoder_layers = 6
     # fairseq 0.12's speech_to_text is an argparse-only task: its hydra config would be the whole namespace
     hydra = False
-    reserved = {**RESERVED_EXTRA, "--encoder-layers": "--depth (or the depth's config file)"}
+    reserved = {**RESERVED_EXTRA, "--encoder-layers": "--depth (or the depth's config file)",
+                f"--{BATCH_MULTIPLE}": "nothing (the recipe sets 1: above it, fairseq leaves out validation "
+                "utterances, all of a set smaller than the multiple)"}  # fmt: skip
+
+    def load_config(self, config_dir=None, depth=None, scale=None):
+        config = super().load_config(config_dir, depth, scale)
+        config["train"] = complete_batches(config["train"], "the config's train section")
+        evaluate = config["evaluate"]
+        evaluate["generate"] = complete_batches(evaluate.get("generate") or {}, "the config's evaluate.generate")
+        return config
 
     def check_data(self, data_bin, subsets):
         check_data_dir(data_bin, subsets)
