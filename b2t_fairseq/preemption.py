@@ -106,21 +106,45 @@ def _recording_saved_update(original):
     return save_checkpoint
 
 
-def install():
-    """Wrap fairseq-train's per-update step (fairseq_cli.train.validate_and_save, also when fairseq_cli.train
-    runs as ``__main__`` under torchrun) and fairseq's checkpoint saving (idempotent)."""
-    from fairseq import checkpoint_utils
+def _nothing_left_to_train(original):
+    """fairseq 0.12 checks --max-update only after an update: a finished run that is started again (a rerun of the
+    same command, a requeued job) trained one more update and wrote it over checkpoint_last.pt. Here an epoch
+    that starts with nothing left to train ends at once, as the finished run did."""
 
-    if not hasattr(checkpoint_utils.save_checkpoint, "__wrapped__"):
-        checkpoint_utils.save_checkpoint = _recording_saved_update(checkpoint_utils.save_checkpoint)
+    def train(cfg, trainer, task, epoch_itr):
+        max_update = cfg.optimization.max_update
+        if max_update and trainer.get_num_updates() >= max_update:
+            logger.info(f"nothing left to train: {trainer.get_num_updates()} updates done, --max-update {max_update}")
+            return [None], True
+        return original(cfg, trainer, task, epoch_itr)
+
+    train.__wrapped__ = original
+    train.b2t_wrapped = True  # fairseq's own train() carries a __wrapped__ already (its metrics decorator)
+    return train
+
+
+def _train_modules():
+    """fairseq_cli.train, and ``__main__`` when that module runs as the script (``python -m fairseq_cli.train``,
+    as torchrun starts it): the same functions under two module objects."""
     import fairseq_cli.train as train_module
 
     modules = [train_module]
     main = sys.modules.get("__main__")
-    if main is not None and getattr(main, "validate_and_save", None) is not None and getattr(
-        getattr(main, "validate_and_save"), "__module__", None
-    ) in ("__main__", "fairseq_cli.train"):
+    candidate = getattr(main, "validate_and_save", None)
+    if candidate is not None and getattr(candidate, "__module__", None) in ("__main__", "fairseq_cli.train"):
         modules.append(main)
-    for module in modules:
+    return modules
+
+
+def install():
+    """Wrap fairseq-train's epoch and per-update step (in fairseq_cli.train, also when it runs as ``__main__``
+    under torchrun) and fairseq's checkpoint saving (idempotent)."""
+    from fairseq import checkpoint_utils
+
+    if not hasattr(checkpoint_utils.save_checkpoint, "__wrapped__"):
+        checkpoint_utils.save_checkpoint = _recording_saved_update(checkpoint_utils.save_checkpoint)
+    for module in _train_modules():
         if not hasattr(module.validate_and_save, "__wrapped__"):
             module.validate_and_save = _stopping_at_update_boundaries(module.validate_and_save, checkpoint_utils)
+        if not getattr(module.train, "b2t_wrapped", False):
+            module.train = _nothing_left_to_train(module.train)

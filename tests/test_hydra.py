@@ -73,6 +73,12 @@ def test_hydra_and_argparse_train_the_same_row(toy_corpus, lm_data_bin, tmp_path
     assert main([*row, "--save-dir", str(tmp_path / "hydra"), "--hydra-config", str(config), *extra]) == 0
     assert not list((tmp_path / "hydra").glob("*.pt"))  # writing the config trains nothing
     run("fairseq-hydra-train", "--config-dir", config.parent, "--config-name", "row", cwd=tmp_path)
+    if recipe == "wmt_en_de":  # launched again from another directory, it resumes where it is (issue 19)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        again = run("fairseq-hydra-train", "--config-dir", config.parent, "--config-name", "row", cwd=elsewhere)
+        assert f"Loaded checkpoint {tmp_path / 'hydra' / 'checkpoint_last.pt'}" in again.stdout + again.stderr
+        assert not (elsewhere / "outputs").exists() and not (tmp_path / "outputs").exists()
 
     a = load_checkpoint(tmp_path / "argparse" / "checkpoint_last.pt")
     h = load_checkpoint(tmp_path / "hydra" / "checkpoint_last.pt")

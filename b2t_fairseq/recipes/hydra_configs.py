@@ -155,9 +155,14 @@ def portable(config):
     return config
 
 
+# fairseq's own config keeps the working directory (hydra.run.dir: .); a config named with --config-name replaces it,
+# and hydra would then run in outputs/DATE/TIME, where relative paths find nothing and no run ever resumes
+KEEP_WORKING_DIR = {"hydra": {"run": {"dir": "."}}}
+
+
 def render(config, header):
     lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    return lines + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
+    return lines + yaml.safe_dump({**KEEP_WORKING_DIR, **config}, sort_keys=False, default_flow_style=None, width=100)
 
 
 def write_row_config(path, cmd, info):
