@@ -32,7 +32,8 @@ IDENTITY = (
     "connection", "init_scaling", "admin_output_change", "resi_dual_alpha", "sampling_method", "enc_replace_rate",
     "dec_replace_rate", "encoder_layers", "decoder_layers",
 )  # fmt: skip
-_TAG = "_b2t_checkpoint"  # attribute of a loaded state["model"] dict: (path, the checkpoint's identity)
+# attribute of a loaded state["model"] dict: (path, the checkpoint's identity, the --model-overrides it was loaded with)
+_TAG = "_b2t_checkpoint"
 
 
 def identity(cfg):
@@ -57,19 +58,73 @@ def describe_difference(theirs, ours, labels=("there", "here")):
     return ", ".join(f"{k} {theirs[k]!r} {labels[0]}, {ours[k]!r} {labels[1]}" for k in keys)
 
 
+DATA_KEY = "b2t_data"  # in a checkpoint's extra_state: the fingerprint of the dictionaries the run trained with
+
+
+def data_fingerprint(model):
+    """A hash of the model's dictionaries, in id order: the same vocabulary in another order (a data dir from
+    another prepare) maps the model's ids to other words, and has the same size."""
+    import hashlib
+
+    digest, found = hashlib.sha256(), False
+    for name in ("encoder", "decoder"):
+        symbols = getattr(getattr(getattr(model, name, None), "dictionary", None), "symbols", None)
+        if symbols is not None:
+            digest.update(f"{name} {len(symbols)}\n".encode())
+            digest.update("\n".join(symbols).encode("utf-8", "surrogatepass"))
+            found = True
+    return digest.hexdigest()[:16] if found else None
+
+
+def _how_to_allow(overrides):
+    """The flag that loads a changed identity on purpose: fairseq-train's option, or for the decoding tools
+    (fairseq-generate, -interactive, -eval-lm, the hub), which take model options only through
+    --model-overrides, that dict with the key added."""
+    if overrides is None:
+        return "pass --allow-changed-identity"
+    merged = {**overrides, "allow_changed_identity": True}
+    return f'pass --model-overrides "{merged}"'
+
+
 def check_loaded_identity(model, state_dict):
-    """Called by our models' load_state_dict: refuse weights of a run with another identity."""
+    """Called by our models' load_state_dict: refuse weights of a run with another identity, or trained on other
+    dictionaries. Returns the checkpoint's path when they differ and the model allows it (None otherwise)."""
     tag = getattr(state_dict, _TAG, None)
     ours = getattr(model, "b2t_identity", None)
-    if tag is None or ours is None or getattr(model, "b2t_allow_changed_identity", False):
-        return
-    path, theirs = tag
+    if tag is None or ours is None:
+        return None
+    path, theirs, overrides = tag
     diff = describe_difference(theirs, ours)
+    other_data = theirs.get("data") and ours.get("data") and theirs["data"] != ours["data"]
+    if not (diff or other_data):
+        return None
+    if getattr(model, "b2t_allow_changed_identity", False):
+        return path
     if diff:
+        instead = ("decode it with the options it was trained with" if overrides is not None else
+                   "use another --save-dir (or checkpoint) for this run")  # fmt: skip
         raise B2TConfigError(
-            f"{path} was trained as another run ({diff}); loading it into this model would mix two runs. Use "
-            "another --save-dir (or checkpoint) for this run, or pass --allow-changed-identity if the change is "
-            "meant"
+            f"{path} was trained as another run ({diff}); loading it into this model would mix two runs: {instead}, "
+            f"or {_how_to_allow(overrides)} if the change is meant"
+        )
+    raise B2TConfigError(
+        f"{path} was trained with other dictionaries than this data's (dictionary fingerprint {theirs['data']} "
+        f"there, {ours['data']} here: other words, or the same words in another order); its ids would map to other "
+        f"words. Use the data dir it was trained with, or {_how_to_allow(overrides)} if the change is meant"
+    )
+
+
+def check_weights_fit(model, state_dict, path):
+    """An identity change that was allowed still needs weights that fit: never a silent partial load."""
+    ours, theirs = set(model.state_dict()), set(state_dict)
+    missing, extra = sorted(ours - theirs), sorted(theirs - ours)
+    if missing or extra:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                 ((missing, "weights this model needs are not in it"), (extra, "weights in it have no place here"))
+                 if keys]  # fmt: skip
+        raise B2TConfigError(
+            f"{path} does not fit this model: {'; '.join(parts)}. A changed method, depth or init can load only "
+            "weights of the same shape and names; decode or resume it with the options it was trained with"
         )
 
 
@@ -118,7 +173,10 @@ def _guarded_loader(original):
         model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
         if model_cfg is not None and isinstance(state.get("model"), dict):
             try:
-                setattr(state["model"], _TAG, (str(path), identity(model_cfg)))
+                theirs = identity(model_cfg)
+                if (state.get("extra_state") or {}).get(DATA_KEY):
+                    theirs["data"] = state["extra_state"][DATA_KEY]
+                setattr(state["model"], _TAG, (str(path), theirs, arg_overrides))
             except AttributeError:  # a plain dict cannot carry the tag; nothing to compare then
                 pass
         if arg_overrides is not None and state.get("cfg") is not None:
@@ -129,6 +187,31 @@ def _guarded_loader(original):
 
     load_checkpoint_to_cpu.__wrapped__ = original
     return load_checkpoint_to_cpu
+
+
+def _prune_only_what_is_named(original):
+    """LayerDrop pruning at load time (``--model-overrides "{'encoder_layers_to_keep': '0,2'}"``): fairseq 0.12's
+    prune_state_dict keeps only the layers of the stacks it is told to prune, so naming the encoder's layers alone
+    dropped every decoder layer's weights and the load failed (our models and fairseq's alike). A stack without a
+    list keeps all of its layers."""
+
+    def prune_state_dict(state_dict, model_cfg):
+        from fairseq.utils import safe_getattr
+
+        # read before fairseq's pruning, which clears the lists
+        named = {stack: safe_getattr(model_cfg, f"{stack}_layers_to_keep", None) for stack in ("encoder", "decoder")}
+        pruned = original(state_dict, model_cfg)
+        if pruned is state_dict:
+            return pruned
+        for stack, keep in named.items():
+            if not keep:
+                for key, value in state_dict.items():
+                    if key.startswith(f"{stack}.") and re.search(r"\.layers\.\d+\.", key):
+                        pruned.setdefault(key, value)
+        return pruned
+
+    prune_state_dict.__wrapped__ = original
+    return prune_state_dict
 
 
 # ------------------------------------------------------------------ atomic copies, full disks
@@ -325,6 +408,9 @@ def _recording_the_run(original):
         state = original(self)
         if getattr(self, "b2t_run", None) is not None:
             state["extra_state"][RUN_KEY] = dict(self.b2t_run)
+        fingerprint = data_fingerprint(self.get_model())
+        if fingerprint is not None:
+            state["extra_state"][DATA_KEY] = fingerprint
         return state
 
     state_dict.__wrapped__ = original
@@ -441,6 +527,8 @@ def install():
         Trainer.state_dict = _recording_the_run(Trainer.state_dict)
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
         checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)
+    if not hasattr(checkpoint_utils.prune_state_dict, "__wrapped__"):
+        checkpoint_utils.prune_state_dict = _prune_only_what_is_named(checkpoint_utils.prune_state_dict)
     if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):
         checkpoint_utils.torch_persistent_save = _whole_or_no_save(checkpoint_utils.torch_persistent_save)
     if not hasattr(PathManager.copy, "__wrapped__"):
@@ -451,10 +539,22 @@ class IdentityChecked:
     """Mixin of our fairseq models: record the model's identity when built, check it when weights are loaded."""
 
     def record_identity(self, args):
+        from fairseq.utils import safe_getattr
+
         self.b2t_identity = identity(args)
+        for stack in ("encoder", "decoder"):
+            if safe_getattr(args, f"{stack}_layers_to_keep", None):
+                # LayerDrop pruning at load time (--model-overrides "{'encoder_layers_to_keep': '0,2'}") keeps
+                # some of the trained layers: the same run, fewer layers
+                self.b2t_identity.pop(f"{stack}_layers", None)
+        fingerprint = data_fingerprint(self)
+        if fingerprint is not None:
+            self.b2t_identity["data"] = fingerprint
         self.b2t_allow_changed_identity = bool(getattr(args, "allow_changed_identity", False))
         return self
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_loaded_identity(self, state_dict)
+        changed = check_loaded_identity(self, state_dict)
+        if changed is not None:
+            check_weights_fit(self, state_dict, changed)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)

@@ -55,13 +55,57 @@ def test_resuming_with_another_method_is_refused(toy_corpus, b2t_run, tmp_path):
     assert "Loaded checkpoint" in allowed.stdout and (save_dir / "checkpoint3.pt").is_file()
 
 
+def _generate(data_bin, checkpoint, *flags, check=True):
+    return run("fairseq-generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint, "--gen-subset", "valid",
+               "--beam", 2, "--cpu", "--max-sentences", 50, *flags, check=check)  # fmt: skip
+
+
+def _hypotheses(proc):
+    return [line for line in proc.stdout.splitlines() if line.startswith("H-")]
+
+
 def test_decoding_with_an_override_that_changes_the_method_is_refused(toy_corpus, b2t_run):
-    common = ["fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path",
-              b2t_run / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 2, "--cpu", "--max-sentences", 50]  # fmt: skip
-    proc = run(*common, "--model-overrides", "{'connection': 'pre-ln'}", check=False)
-    _one_line_error(proc, "connection 'b2t' there, 'pre-ln' here")
-    ok = run(*common, "--model-overrides", "{'dropout': 0.2}")  # not part of the identity
-    assert any(line.startswith("H-") for line in ok.stdout.splitlines())
+    import shlex
+
+    data_bin, last = toy_corpus["data_bin"], b2t_run / "checkpoint_last.pt"
+    proc = _generate(data_bin, last, "--model-overrides", "{'connection': 'realformer'}", check=False)
+    line = _one_line_error(proc, "connection 'b2t' there, 'realformer' here", "decode it with the options it was")
+    # the fix it names is a flag the decoding tools take (fairseq-generate has no --allow-changed-identity)
+    fix = shlex.split(line.split(" or pass ", 1)[1].removesuffix(" if the change is meant"))
+    assert fix == ["--model-overrides", "{'connection': 'realformer', 'allow_changed_identity': True}"]
+    assert _hypotheses(_generate(data_bin, last, *fix))  # RealFormer's weights are named as B2T's
+    # a method whose weights differ is one line naming what does not fit, never a partial load
+    proc = _generate(data_bin, last, "--model-overrides", "{'connection': 'rezero', 'allow_changed_identity': True}",
+                     check=False)  # fmt: skip
+    _one_line_error(proc, "does not fit this model", "rezero_a", "layer_norm", "options it was trained with")
+    ok = _generate(data_bin, last, "--model-overrides", "{'dropout': 0.2}")  # not part of the identity
+    assert _hypotheses(ok)
+
+
+@pytest.mark.parametrize("keep", [{"encoder_layers_to_keep": "1"}, {"decoder_layers_to_keep": "0"},
+                                  {"encoder_layers_to_keep": "0", "decoder_layers_to_keep": "1"}])  # fmt: skip
+def test_layerdrop_pruning_at_decoding_keeps_the_named_layers(toy_corpus, b2t_run, keep):
+    """fairseq's documented use of a LayerDrop model: the same run with fewer layers, not another run."""
+    proc = _generate(toy_corpus["data_bin"], b2t_run / "checkpoint_last.pt", "--model-overrides", str(keep))
+    assert "Pruning model to specified layer configuration" in proc.stdout + proc.stderr
+    assert _hypotheses(proc)
+
+
+def test_a_run_and_its_checkpoints_refuse_other_dictionaries(toy_corpus, b2t_run, tmp_path):
+    """The same vocabulary in another order (another prepare of the same corpus) has the same size; the model's ids
+    would map to other words."""
+    data_bin = tmp_path / "data-bin"
+    shutil.copytree(toy_corpus["data_bin"], data_bin)
+    for name in ("dict.src.txt", "dict.tgt.txt"):
+        lines = (data_bin / name).read_text().splitlines(keepends=True)
+        lines[0], lines[1] = lines[1], lines[0]
+        (data_bin / name).write_text("".join(lines))
+    proc = _generate(data_bin, b2t_run / "checkpoint_last.pt", check=False)
+    _one_line_error(proc, "trained with other dictionaries than this data's", "Use the data dir it was trained with")
+    save_dir = _copy_run(b2t_run, tmp_path)
+    proc = _train(data_bin, save_dir, "--max-epoch", 3, check=False)
+    _one_line_error(proc, "checkpoint_last.pt was trained with other dictionaries", "--allow-changed-identity")
+    assert not (save_dir / "checkpoint3.pt").exists()
 
 
 def test_averaging_two_runs_is_refused(toy_corpus, b2t_run, tmp_path):
