@@ -189,6 +189,28 @@ def _guarded_loader(original):
     return load_checkpoint_to_cpu
 
 
+def _checked_model_values(original):
+    """A model with a typed config (the language model's, fairseq's dataclass models) validates every value when
+    fairseq builds it; a bad one (``--model-overrides "{'connection': 'nonsense'}"`` at fairseq-eval-lm) ended in
+    omegaconf's traceback."""
+
+    def build_model(cfg, task, *args, **kwargs):
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return original(cfg, task, *args, **kwargs)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "key", None)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise B2TConfigError(
+                f"model option {key!r}: {reason}; correct it where it was given (the command line, or the "
+                "--model-overrides of a decoding tool)"
+            ) from None
+
+    build_model.__wrapped__ = original
+    return build_model
+
+
 def _prune_only_what_is_named(original):
     """LayerDrop pruning at load time (``--model-overrides "{'encoder_layers_to_keep': '0,2'}"``): fairseq 0.12's
     prune_state_dict keeps only the layers of the stacks it is told to prune, so naming the encoder's layers alone
@@ -438,6 +460,7 @@ def _checked_trainer_init(original):
                 f"{given[0]} needs a CUDA GPU, and torch sees none on this machine; drop {given[0]} to train in "
                 "fp32 here"
             )
+        _check_writable_logdir(common, cfg.distributed_training)
         original(self, cfg, *args, **kwargs)
         from b2t_fairseq import preemption
 
@@ -445,6 +468,25 @@ def _checked_trainer_init(original):
 
     __init__.__wrapped__ = original
     return __init__
+
+
+def _check_writable_logdir(common, distributed):
+    """fairseq opens --tensorboard-logdir at the first log line, after training has started (on the first worker
+    only): a directory it cannot write failed there, with a traceback. Tried by writing into it, as root too."""
+    import tempfile
+
+    logdir = getattr(common, "tensorboard_logdir", None)
+    if not logdir or (getattr(distributed, "distributed_rank", 0) or 0) != 0:
+        return
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=logdir):
+            pass
+    except OSError as exc:
+        raise B2TConfigError(
+            f"--tensorboard-logdir {logdir}: cannot write there ({exc.strerror or exc}); give a directory this "
+            "process can create and write"
+        ) from None
 
 
 def _bf16_on_cuda(original):
@@ -527,6 +569,10 @@ def install():
         Trainer.state_dict = _recording_the_run(Trainer.state_dict)
     if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
         checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)
+    import fairseq.models
+
+    if not hasattr(fairseq.models.build_model, "__wrapped__"):
+        fairseq.models.build_model = _checked_model_values(fairseq.models.build_model)
     if not hasattr(checkpoint_utils.prune_state_dict, "__wrapped__"):
         checkpoint_utils.prune_state_dict = _prune_only_what_is_named(checkpoint_utils.prune_state_dict)
     if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):

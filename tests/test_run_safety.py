@@ -308,3 +308,32 @@ def test_bf16_on_a_cuda_machine_is_not_tpu_mode(data_dir, monkeypatch, argv, cud
     seen = {}
     distributed_utils.call_main(cfg, lambda c: seen.update(tpu=c.common.tpu, bf16=c.common.bf16))
     assert seen == {"tpu": tpu, "bf16": True}
+
+
+# ------------------------------------------------------------------ one line, not a traceback
+def test_an_unwritable_tensorboard_logdir_is_one_line_before_training(toy_corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = _train(toy_corpus["data_bin"], tmp_path / "ckpt", "--max-update", 1, "--tensorboard-logdir",
+                  blocker / "tb", check=False)  # fmt: skip
+    _one_line_error(proc, f"--tensorboard-logdir {blocker / 'tb'}: cannot write there")
+    assert "train_inner" not in proc.stdout and not (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.slow
+def test_bad_model_override_values_at_eval_lm_are_one_line(toy_corpus, tmp_path):
+    data_bin = tmp_path / "lm-bin"
+    run("fairseq-preprocess", "--only-source", "--trainpref", toy_corpus["raw"] / "train.tgt", "--validpref",
+        toy_corpus["raw"] / "valid.tgt", "--destdir", data_bin, "--workers", 1)  # fmt: skip
+    lm = ["--user-dir", PLUGIN_DIR, "--task", "language_modeling", "--tokens-per-sample", 64, "--cpu"]
+    run("fairseq-train", data_bin, *lm, "--arch", "transformer_lm_b2t", "--decoder-layers", 1, "--decoder-embed-dim",
+        32, "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads", 2, "--optimizer", "adam", "--lr", 1e-3,
+        "--max-tokens", 2000, "--max-update", 1, "--save-dir", tmp_path / "lm", "--no-epoch-checkpoints")  # fmt: skip
+    evaluate = ["fairseq-eval-lm", data_bin, *lm, "--path", tmp_path / "lm" / "checkpoint_last.pt", "--gen-subset",
+                "valid", "--max-tokens", 2000]  # fmt: skip
+    for overrides, needle in [("{'connection': 'nonsense'}", "model option 'connection': Invalid value 'nonsense'"),
+                              ("{'resi_dual_alpha': 'x'}", "model option 'resi_dual_alpha'")]:  # fmt: skip
+        proc = run(*evaluate, "--model-overrides", overrides, check=False)
+        _one_line_error(proc, needle, "--model-overrides")
+    ok = run(*evaluate)  # the same command without the bad values evaluates
+    assert "Perplexity" in ok.stdout + ok.stderr
