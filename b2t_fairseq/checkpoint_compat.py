@@ -38,12 +38,43 @@ def load_checkpoint(path):
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
+# The authors' fork (takase/b2t_connection, fairseq 0.9) saves keys that fairseq 0.12 names otherwise or no longer has
+# (tests/test_cli.py lists every key it saves, with the line of their code that makes it):
+# - their decoder's position embeddings are ``embed_positions_original`` (their fairseq/models/transformer.py:699,
+#   named apart from length-control encodings their fork adds); fairseq 0.12's module is ``embed_positions``;
+# - SinusoidalPositionalEmbedding's ``_float_tensor`` buffer (their sinusoidal_positional_embedding.py:29) holds no
+#   weight, only a device and dtype to follow; fairseq 0.12 keeps its table in a non-persistent buffer instead, so
+#   it is dropped (fairseq drops it under ``embed_positions``, not under their decoder's name).
+_AUTHORS_RENAMED = {"decoder.embed_positions_original.": "decoder.embed_positions."}
+_AUTHORS_UNUSED_BUFFERS = ("._float_tensor",)
+# their options that change what a trained model computes, which this plugin does not implement
+_AUTHORS_NOT_OFFERED = {
+    "represent_length_by_lrpe": "--represent-length-by-lrpe",
+    "represent_length_by_ldpe": "--represent-length-by-ldpe",
+    "no_layer_norm": "--no-layer-norm",
+    "one_emb": "--one-emb",
+    "layer_wise_attention": "--layer-wise-attention",
+}
+
+
+def _adopt_authors_weights(weights):
+    """Their state dict keys as fairseq 0.12's (in place: the dict may carry attributes of the loader)."""
+    for key in list(weights):
+        if key.endswith(_AUTHORS_UNUSED_BUFFERS):
+            del weights[key]
+            continue
+        for old, new in _AUTHORS_RENAMED.items():
+            if key.startswith(old):
+                weights[new + key[len(old):]] = weights.pop(key)
+
+
 def adopt_authors_checkpoint(state, path):
     """The authors' released checkpoints (their fairseq 0.9 fork, e.g. ``b2t_layer18_ave10.pt``) name a stock
     architecture (``transformer_wmt_en_de``) with ``--residual-bottom-to-top``; stock fairseq would build a plain
     Post-LN model from them and translate wrongly without a word. Loaded with the plugin, such a checkpoint's
     config is turned into ours: the same architecture's ``transformer_b2t`` mirror, ``--connection b2t``, no init
-    rule (the weights are trained). The weights' names are fairseq's in both. Returns True when it adopted one."""
+    rule (the weights are trained), and their weights' names fairseq 0.12's (see _AUTHORS_RENAMED). Returns True
+    when it adopted one."""
     import logging
 
     from fairseq.models import ARCH_MODEL_REGISTRY
@@ -57,12 +88,18 @@ def adopt_authors_checkpoint(state, path):
     if arch.startswith("transformer_b2t") or arch.startswith("transformer_lm_b2t"):
         return False
     ours = "transformer_b2t" + arch[len("transformer"):] if arch.startswith("transformer") else None
-    if ours not in ARCH_MODEL_REGISTRY:
-        from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.errors import B2TConfigError
 
+    if ours not in ARCH_MODEL_REGISTRY:
         raise B2TConfigError(
             f"{path} is a B2T checkpoint of architecture {arch!r}, which has no transformer_b2t mirror here; "
             "load it with --arch transformer_b2t and its dimensions"
+        )
+    used = [flag for name, flag in _AUTHORS_NOT_OFFERED.items() if safe_getattr(model, name, None)]
+    if used:
+        raise B2TConfigError(
+            f"{path} is a B2T checkpoint of the authors' fork trained with {', '.join(used)}, which changes what "
+            "the model computes and which b2t_fairseq does not implement; decode it with their fork"
         )
     from omegaconf import DictConfig, open_dict
 
@@ -79,6 +116,8 @@ def adopt_authors_checkpoint(state, path):
     if state.get("args") is not None:  # fairseq builds from the legacy args when a checkpoint still has them
         for key, value in settings.items():
             setattr(state["args"], key, value)
+    if isinstance(state.get("model"), dict):
+        _adopt_authors_weights(state["model"])
     logging.getLogger(__name__).info(
         f"{path}: the authors' B2T checkpoint (--arch {arch} --residual-bottom-to-top), loaded as --arch {ours} "
         "--connection b2t"

@@ -12,12 +12,27 @@ first batch compiles for its shape, the first batch of another shape recompiles 
 dynamic from the start took 5x longer for the same model here). ``inductor`` generates fused kernels (GPU, or
 CPU with a C++ compiler, with a compile time of about a minute on the first batches); ``aot_eager`` traces without generating code, which is what
 the tests use (forward, gradients and beam search equal to eager for b2t and dlcl; all twelve methods were checked
-the same way once, see README). The option is part of the model options, so a checkpoint trained with
-it decodes compiled too unless ``--model-overrides "{'compile_layers': ''}"`` switches it off.
+the same way once, see README; fairseq-train's real loop for the four methods whose layers end in ``x + F(...)``,
+which need the contiguous layer inputs of models/stacks.py). The option is part of the model options, so a
+checkpoint trained with it decodes compiled too unless ``--model-overrides "{'compile_layers': ''}"`` switches it
+off.
 """
 import torch
 
 from b2t_fairseq.errors import B2TConfigError
+
+
+# what README recommends; torch lists aot_eager only among its "debug" backends, which list_backends() leaves out
+RECOMMENDED = {"inductor": "fused kernels", "aot_eager": "tracing only"}
+
+
+def _choices():
+    others = [name for name in torch._dynamo.list_backends() if name not in RECOMMENDED]
+    recommended = " or ".join(f"{name} ({what})" for name, what in RECOMMENDED.items())
+    return (
+        f"use {recommended}; torch here also offers {', '.join(others) or 'no other'} (its debugging backends: "
+        "torch._dynamo.list_backends(exclude_tags=())), or drop the flag"
+    )
 
 
 def compile_layers(model, backend):
@@ -25,10 +40,7 @@ def compile_layers(model, backend):
     if not backend:
         return model
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise B2TConfigError(
-            f"--compile-layers {backend}: not a torch.compile backend here; choose one of "
-            f"{', '.join(torch._dynamo.list_backends())} (or drop the flag)"
-        )
+        raise B2TConfigError(f"--compile-layers {backend}: not a torch.compile backend here; {_choices()}")
     for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
         for layer in getattr(stack, "layers", None) or ():
             layer.compile(backend=backend)  # torch's automatic dynamic shapes: static first, dynamic on change

@@ -73,5 +73,5 @@ class CpuDecoding:
         quantize_for_cpu_decoding(self, getattr(self, "b2t_int8_decoding", "none"))
         packed = pack_linears(self)
         if packed:
-            logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=0 "
+            logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=off "
                         "switches it off)")

@@ -4,6 +4,7 @@ The options are a fairseq dataclass, so ``fairseq-train --help`` lists them, the
 inherits them, and they are saved in every checkpoint like fairseq's own model options.
 """
 import argparse
+import math
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -203,11 +204,12 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     for method in CONNECTIONS.values():
         for knob, default in method.knobs.items():
             value = safe_getattr(args, knob, None)
+            flag = f"--{knob.replace('_', '-')}"
+            # nan != default too: checked first, so that nan is named as such on any method
+            if isinstance(default, float) and value is not None and not math.isfinite(float(value)):
+                raise B2TConfigError(f"{flag} {value}: must be a finite number (the default is {default})")
             if value is not None and value != default and method is not conn:
-                raise B2TConfigError(
-                    f"--{knob.replace('_', '-')} only applies to --connection {method.name}, not {connection}; "
-                    "drop it"
-                )
+                raise B2TConfigError(f"{flag} only applies to --connection {method.name}, not {connection}; drop it")
     if not conn.layerdrop:
         for stack in stacks:
             if float(safe_getattr(args, f"{stack}_layerdrop", 0.0) or 0.0) > 0:
@@ -226,6 +228,7 @@ def resolve_options(args, stacks=("encoder", "decoder")):
         raise B2TConfigError(
             f"unknown --init-scaling {init_scaling!r}; choose auto, none, {', '.join(INIT_RULES)}"
         )
+    _check_depths(args, stacks, conn, init_scaling)
 
     sampling_method = safe_getattr(args, "sampling_method", None) or "none"
     ours = sampling_method in ("none", "worddrop")  # else a task's own --sampling-method (see _SHARED_NAMES)
@@ -258,6 +261,38 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     args.dec_replace_rate = rates["dec_replace_rate"]
     args.decay_val = float(safe_getattr(args, "decay_val", None) or 0.0)
     return args
+
+
+def _check_depths(args, stacks, conn, init_scaling):
+    """A stack may have no layers (fairseq trains an encoder of embeddings alone), except under a method or init
+    rule whose constants are defined for at least one layer in each stack (``empty_stacks`` False)."""
+    for stack in stacks:
+        layers = safe_getattr(args, f"{stack}_layers", None)
+        if layers is None or int(layers) > 0:
+            continue
+        flag = f"--{stack}-layers {layers}"
+        if int(layers) < 0:
+            raise B2TConfigError(f"{flag}: a stack has 0 or more layers")
+        rule = INIT_RULES.get(init_scaling)
+        for owner, how in ((conn, f"--connection {conn.name}"), (rule, f"--init-scaling {init_scaling}")):
+            if owner is not None and not owner.empty_stacks:
+                raise B2TConfigError(
+                    f"{flag} leaves the {stack} without layers, but {how} defines its constants for at least one "
+                    f"layer in each stack (they involve N and M: README, 'What the layers compute'); give the "
+                    f"{stack} layers, or choose another {how.split()[0]}"
+                )
+
+
+def check_task(args, task):
+    """What only the task's data can tell: called by a model's build_model before fairseq's."""
+    if safe_getattr(args, "share_all_embeddings", False):
+        source, target = task.source_dictionary, task.target_dictionary
+        if source is not None and target is not None and source != target:
+            data = safe_getattr(args, "data", "") or "the data"
+            raise B2TConfigError(
+                f"--share-all-embeddings needs one dictionary for source and target, but {data} has two different "
+                "ones; binarize the data with fairseq-preprocess --joined-dictionary, or drop --share-all-embeddings"
+            )
 
 
 def word_dropout_rate(cfg, side):

@@ -9,8 +9,9 @@ results differ from MKL's only in the rounding of float32 sums (tests/test_fast_
 Applied when fairseq prepares a loaded model for inference (``prepare_for_inference_``, see int8.py), to every
 plain ``nn.Linear`` of the model; checkpoints, training and state dicts never see it. A packed layer uses its
 packed weight only where the kernel applies (CPU, float32, no gradients) and fairseq's Linear everywhere else
-(a GPU, half precision, training), and repacks when its weight changes. ``B2T_PACKED_LINEARS=0`` in the
-environment switches it off.
+(a GPU, half precision, training), and repacks when its weight changes. ``B2T_PACKED_LINEARS`` in the
+environment switches it: 0/false/off/no (any case) off, 1/true/on/yes on (the default); it is read when a model
+is prepared (off: nothing is packed) and at every call (off: fairseq's Linear).
 """
 import logging
 import os
@@ -18,15 +19,35 @@ import os
 import torch
 from torch import nn
 
+from b2t_fairseq.errors import B2TConfigError
+
 logger = logging.getLogger(__name__)
+
+SWITCH = "B2T_PACKED_LINEARS"
+_SWITCH_VALUES = {**dict.fromkeys(("0", "false", "off", "no"), False),
+                  **dict.fromkeys(("1", "true", "on", "yes"), True)}
 
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def packing_switched_on() -> bool:
+    """What B2T_PACKED_LINEARS says (on when unset)."""
+    raw = os.environ.get(SWITCH)
+    if raw is None:
+        return True
+    try:
+        return _SWITCH_VALUES[raw.strip().lower()]
+    except KeyError:
+        raise B2TConfigError(
+            f"{SWITCH}={raw!r}: use 0, false, off or no to switch the packed CPU Linear layers off, 1, true, on or "
+            "yes (the default) to keep them"
+        ) from None
+
+
 def packing_enabled() -> bool:
-    return os.environ.get("B2T_PACKED_LINEARS", "1") != "0" and packing_available()
+    return packing_switched_on() and packing_available()
 
 
 class PackedLinear(nn.Linear):
@@ -58,6 +79,9 @@ def pack_linears(model) -> int:
     """Make every plain ``nn.Linear`` of ``model`` a :class:`PackedLinear` (in place; parameters, their names
     and values unchanged); returns how many. Layers of other Linear classes (int8 ones, Sub-LN's input-normed
     ones) are left alone."""
+    if not packing_switched_on():
+        logger.info(f"{SWITCH}={os.environ[SWITCH]}: CPU Linear layers are not packed")
+        return 0
     if not packing_available():
         logger.info("oneDNN is not available in this torch build: CPU Linear layers are not packed")
         return 0

@@ -221,17 +221,20 @@ def write_corpus(out_dir, n_train=4000, n_valid=300, n_test=300, seed=1):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write the toy src->tgt parallel corpus.")
+    """``b2t-toy-data``. Returns None: the console script's wrapper exits with what main returns."""
+    ap = argparse.ArgumentParser(prog="b2t-toy-data", description="Write the toy src->tgt parallel corpus.")
     ap.add_argument("--out-dir", required=True, help="directory for {train,valid,test}.{src,tgt}")
     ap.add_argument("--train", type=int, default=4000, help="training pairs (default 4000)")
     ap.add_argument("--valid", type=int, default=300, help="validation pairs (default 300)")
     ap.add_argument("--test", type=int, default=300, help="test pairs (default 300)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     args = ap.parse_args(argv)
+    for split in ("train", "valid", "test"):
+        if getattr(args, split) < 1:
+            ap.exit(2, f"b2t-toy-data: error: --{split} {getattr(args, split)}: give a number of pairs of at least 1\n")
     counts = write_corpus(args.out_dir, args.train, args.valid, args.test, args.seed)
     print(f"wrote train={counts['train']} valid={counts['valid']} test={counts['test']} "
           f"pairs to {args.out_dir} (seed={args.seed})")
-    return counts
 
 
 if __name__ == "__main__":

@@ -157,6 +157,24 @@ def test_bad_flags_give_one_line_errors(toy_corpus, tmp_path, flags, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_build_time_error_is_one_line(toy_corpus, tmp_path):
+    """An error only the data can show, raised when fairseq builds the model (after it loaded the valid set):
+    --share-all-embeddings over separate source and target dictionaries (fairseq's own is a traceback)."""
+    import shutil
+
+    data = tmp_path / "data-bin"
+    shutil.copytree(toy_corpus["data_bin"], data)
+    lines = (data / "dict.tgt.txt").read_text().splitlines()
+    (data / "dict.tgt.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # another dictionary
+    proc = run(
+        "fairseq-train", data, "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
+        "--max-update", 1, "--no-save", check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "b2t_fairseq: error: --share-all-embeddings needs one dictionary" in proc.stderr
+    assert "fairseq-preprocess --joined-dictionary" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_deep_preset_rejects_contradicting_depth(toy_corpus, tmp_path):
     proc = run(
         "fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t_wmt_en_de_18l",
@@ -228,11 +246,66 @@ def test_checkpoint_of_an_eval_bleu_run_decodes_with_the_safe_loader(toy_corpus,
     assert any(line.startswith("H-") for line in gen.stdout.splitlines())
 
 
+# What the authors' fork (takase/b2t_connection: fairseq 0.9; read with `git show HEAD:<file>`) saves as the model
+# state dict for their WMT command (--arch transformer_wmt_en_de --residual-bottom-to-top --share-all-embeddings),
+# in the order its modules register it. m = fairseq/models/transformer.py, l = fairseq/modules/transformer_layer.py.
+def _authors_attention(prefix):
+    # fairseq/modules/multihead_attention.py:58-62; bias_k/bias_v (:65) only with add_bias_kv, which no layer uses
+    return [f"{prefix}.{proj}.{w}" for proj in ("k_proj", "v_proj", "q_proj", "out_proj") for w in ("weight", "bias")]
+
+
+def _authors_modules(prefix, names):
+    return [f"{prefix}.{name}.{w}" for name in names for w in ("weight", "bias")]
+
+
+def _authors_model_keys(encoder_layers, decoder_layers):
+    keys = [
+        "encoder.version",  # m:418 register_buffer("version", torch.Tensor([3]))
+        "encoder.embed_tokens.weight",  # m:433 (one Embedding, also the decoder's and the output matrix, m:985)
+        # m:437 PositionalEmbedding -> fairseq/modules/sinusoidal_positional_embedding.py:29
+        # register_buffer("_float_tensor", torch.FloatTensor(1)); its table (:24 self.weights) is no buffer
+        "encoder.embed_positions._float_tensor",
+    ]
+    for i in range(encoder_layers):  # m:450
+        layer = f"encoder.layers.{i}"
+        keys += _authors_attention(f"{layer}.self_attn")  # l:34
+        keys += _authors_modules(layer, ("self_attn_layer_norm", "fc1", "fc2", "final_layer_norm"))  # l:35,45-47
+    # m:457 encoder.layer_norm, m:461 encoder.layernorm_embedding: only with --encoder-normalize-before /
+    # --layernorm-embedding, which their command does not give
+    keys += [
+        "decoder.version",  # m:665
+        "decoder.embed_tokens.weight",  # m:689
+        # m:699 self.embed_positions_original = PositionalEmbedding(...): the same sinusoidal buffer under their
+        # own name; m:706/712 embed_positions_lrpe/_ldpe exist only with --represent-length-by-lrpe/-ldpe
+        "decoder.embed_positions_original._float_tensor",
+    ]
+    for i in range(decoder_layers):  # m:722
+        layer = f"decoder.layers.{i}"
+        keys += _authors_attention(f"{layer}.self_attn")  # l:171
+        keys += _authors_modules(layer, ("self_attn_layer_norm",))  # l:191
+        keys += _authors_attention(f"{layer}.encoder_attn")  # l:197
+        keys += _authors_modules(layer, ("encoder_attn_layer_norm", "fc1", "fc2", "final_layer_norm"))  # l:198-203
+    # m:750 decoder.embed_out only without shared output embeddings; m:758 decoder.layer_norm only with
+    # --decoder-normalize-before
+    return keys
+
+
+# their model options (m:150-204 add_args), with their defaults, beside fairseq 0.9's own
+_AUTHORS_MODEL_OPTIONS = dict(
+    one_emb=None, one_emb_dropout=0.5, one_emb_std=1.0, codenum=64, codebooknum=8, one_emb_inter_dim=0,
+    one_emb_layernum=2, one_emb_relu_dropout=0.1, stop_relu_dropout_update=0, no_cross_attention=False,
+    cross_self_attention=False, layer_wise_attention=False, represent_length_by_lrpe=False,
+    represent_length_by_ldpe=False, ordinary_sinpos=False, sampling_method="none", enc_replace_rate=0.0,
+    dec_replace_rate=0.0, decay_val=1000, residual_bottom_to_top=True, no_layer_norm=False,
+)  # fmt: skip
+
+
 def test_authors_checkpoint_format_is_loaded_as_b2t(toy_corpus, tmp_path):
     """A checkpoint as the authors' fairseq 0.9 fork writes it (flat `args`, --arch transformer
-    --residual-bottom-to-top, 0.9 option names, none of our options) decodes exactly as the same weights in our
-    own checkpoint; stock fairseq would build a Post-LN model from it (issue 10)."""
+    --residual-bottom-to-top, 0.9 option names, none of our options, their state dict keys above) decodes exactly
+    as the same weights in our own checkpoint; stock fairseq would build a Post-LN model from it (issue 10)."""
     import argparse
+    from collections import OrderedDict
 
     import torch
 
@@ -243,12 +316,22 @@ def test_authors_checkpoint_format_is_loaded_as_b2t(toy_corpus, tmp_path):
     ours = load_checkpoint(tmp_path / "ckpt" / "checkpoint_last.pt")
     args = vars(ours["cfg"]["model"]).copy()
     for name in ("connection", "init_scaling", "admin_output_change", "resi_dual_alpha", "allow_changed_identity",
-                 "log_layer_grad_norms", "_name"):  # fmt: skip
+                 "log_layer_grad_norms", "compile_layers", "int8_decoding", "_name"):  # fmt: skip
         args.pop(name, None)
-    args.update(arch="transformer", residual_bottom_to_top=True, min_lr=args.pop("stop_min_lr", -1.0))
-    authors = {"args": argparse.Namespace(**args), "model": ours["model"],
-               "optimizer_history": ours["optimizer_history"], "extra_state": ours["extra_state"],
-               "last_optimizer_state": None}  # fmt: skip
+    args.update(arch="transformer", min_lr=args.pop("stop_min_lr", -1.0), **_AUTHORS_MODEL_OPTIONS)
+    model = OrderedDict()
+    for key in _authors_model_keys(2, 2):
+        if key.endswith(".version"):
+            model[key] = torch.Tensor([3])
+        elif key.endswith("._float_tensor"):
+            model[key] = torch.zeros(1)  # uninitialised there (torch.FloatTensor(1)): only its dtype is used
+        else:
+            model[key] = ours["model"][key]
+    # 0.12 adds one key, the output projection, which is the shared embedding matrix (there m:985)
+    assert set(ours["model"]) - set(model) == {"decoder.output_projection.weight"}
+    # their released checkpoints are averages (their scripts/average_checkpoints.py), which turns fp16 into float32
+    authors = {"args": argparse.Namespace(**args), "model": model, "optimizer_history": ours["optimizer_history"],
+               "extra_state": ours["extra_state"], "last_optimizer_state": None}  # fmt: skip
     torch.save(authors, tmp_path / "authors.pt")
 
     def hypotheses(path):
@@ -259,3 +342,32 @@ def test_authors_checkpoint_format_is_loaded_as_b2t(toy_corpus, tmp_path):
     gen, theirs = hypotheses(tmp_path / "authors.pt")
     assert "the authors' B2T checkpoint" in gen.stdout + gen.stderr
     assert theirs and theirs == hypotheses(tmp_path / "ckpt" / "checkpoint_last.pt")[1]
+
+
+def test_authors_checkpoint_keys_and_options_not_offered():
+    """Their learned decoder positions (--decoder-learned-pos) keep their weights under fairseq 0.12's name; their
+    length-control encodings and LN-free variant are refused in one line rather than loaded half."""
+    import argparse
+    from collections import OrderedDict
+
+    import pytest
+    import torch
+
+    import b2t_fairseq  # noqa: F401  (registers the architectures)
+    from b2t_fairseq.checkpoint_compat import adopt_authors_checkpoint
+    from b2t_fairseq.errors import B2TConfigError
+
+    def state(**options):
+        args = argparse.Namespace(arch="transformer_wmt_en_de", **{**_AUTHORS_MODEL_OPTIONS, **options})
+        weights = OrderedDict([("decoder.embed_positions_original.weight", torch.ones(3)),
+                               ("encoder.embed_positions._float_tensor", torch.zeros(1))])  # fmt: skip
+        return {"args": args, "cfg": {"model": args}, "model": weights}
+
+    adopted = state(decoder_learned_pos=True)
+    assert adopt_authors_checkpoint(adopted, "theirs.pt")
+    assert list(adopted["model"]) == ["decoder.embed_positions.weight"]
+    assert adopted["cfg"]["model"].arch == "transformer_b2t_wmt_en_de"
+    for option, flag in (("represent_length_by_lrpe", "--represent-length-by-lrpe"),
+                         ("no_layer_norm", "--no-layer-norm")):
+        with pytest.raises(B2TConfigError, match=f"theirs.pt is a B2T checkpoint .* trained with {flag}"):
+            adopt_authors_checkpoint(state(**{option: True}), "theirs.pt")

@@ -61,6 +61,45 @@ def test_only_plain_linear_layers_are_packed(data_dir):
     assert type(layer.fc2) is not PackedLinear and hasattr(layer.fc2, "sub_layer_norm")  # Sub-LN's own class
 
 
+@pytest.mark.parametrize(
+    "value, packed",
+    [("0", False), ("false", False), ("OFF", False), ("No", False), ("1", True), ("true", True), ("On", True),
+     (" yes ", True), (None, True)],
+)  # fmt: skip
+def test_switch_values_and_what_the_log_says(data_dir, monkeypatch, caplog, value, packed):
+    """B2T_PACKED_LINEARS: 0/false/off/no switch the packing off (any case), 1/true/on/yes or unset keep it; the
+    log says what was done to the prepared model."""
+    import logging
+
+    if value is None:
+        monkeypatch.delenv("B2T_PACKED_LINEARS", raising=False)
+    else:
+        monkeypatch.setenv("B2T_PACKED_LINEARS", value)
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--encoder-layers", "1", "--decoder-layers", "1",
+                                         *DIMS])  # fmt: skip
+    model.eval()
+    with caplog.at_level(logging.INFO, logger="b2t_fairseq"):
+        model.prepare_for_inference_(_inference_cfg())
+    assert any(type(m) is PackedLinear for m in model.modules()) is packed
+    log = caplog.text
+    if packed:
+        assert "float32 Linear layers packed for oneDNN" in log and "not packed" not in log
+    else:
+        assert f"B2T_PACKED_LINEARS={value}: CPU Linear layers are not packed" in log and "layers packed" not in log
+
+
+@pytest.mark.parametrize("value", ["2", "of", "", "disable"])
+def test_switch_refuses_other_values(data_dir, monkeypatch, value):
+    from b2t_fairseq.errors import B2TConfigError
+
+    monkeypatch.setenv("B2T_PACKED_LINEARS", value)
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--encoder-layers", "1", "--decoder-layers", "1",
+                                         *DIMS])  # fmt: skip
+    model.eval()
+    with pytest.raises(B2TConfigError, match=f"B2T_PACKED_LINEARS='{value}': use 0, false, off or no .* 1, true, on"):
+        model.prepare_for_inference_(_inference_cfg())
+
+
 # -------------------------------------------------------------------- prepared models vs reference paths
 def _twins(data_dir, argv, task="translation"):
     """The same randomized weights twice: one model as fairseq-generate prepares it, one left as built."""

@@ -446,10 +446,12 @@ def _train_step(model, task, seed=0):
     return out.detach(), loss.detach()
 
 
+# --offload-activations implies checkpointing (fairseq's rule) and keeps the layers' saved inputs on the CPU
+@pytest.mark.parametrize("flag", ["--checkpoint-activations", "--offload-activations"])
 @pytest.mark.parametrize("connection", ALL_METHODS)
-def test_checkpoint_activations_same_forward_and_gradients(data_dir, connection):
+def test_checkpoint_activations_same_forward_and_gradients(data_dir, connection, flag):
     plain, task = build(data_dir, nmt_argv(connection, 3, NO_DROPOUT), seed=4)
-    ckpt, _ = build(data_dir, nmt_argv(connection, 3, [*NO_DROPOUT, "--checkpoint-activations"]), seed=4)
+    ckpt, _ = build(data_dir, nmt_argv(connection, 3, [*NO_DROPOUT, flag]), seed=4)
     assert ckpt.encoder.checkpoint_layers and ckpt.decoder.checkpoint_layers
     # away from init (ReZero's a = 0 would leave fc1 without a gradient), in float64 (T-Fixup has no layer
     # norm to keep the randomized activations small)
@@ -476,6 +478,30 @@ def test_checkpoint_activations_same_forward_and_gradients(data_dir, connection)
     # every layer's weights got a gradient through the checkpointed path
     for layer in list(ckpt.encoder.layers) + list(ckpt.decoder.layers):
         assert layer.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_offloaded_layer_recomputes_a_transposed_input(data_dir, side):
+    """--offload-activations on a layer whose input is a transposed view (the T x B x C transpose of the
+    embeddings): torch's save_on_cpu(pin_memory=True) handed it back contiguous, the recomputed Linear layers
+    saved other tensors, and torch refused the backward ("Recomputed values ... have different metadata")."""
+    model, task = build(data_dir, nmt_argv("post-ln", 1, [*NO_DROPOUT, "--offload-activations"]), seed=4)
+    model.train()
+    stack = getattr(model, side)
+    layer = stack.layers[0]
+    torch.manual_seed(3)
+    base = torch.randn(3, 5, 16, requires_grad=True)  # B x T x C
+    enc = torch.randn(4, 3, 16) if side == "decoder" else None
+    args = (enc, None, None) if side == "decoder" else (None,)
+    grads = []
+    for call in (layer, lambda *a, **k: stack._call_layer(layer, *a, **k)):
+        model.zero_grad()
+        base.grad = None
+        out = call(base.transpose(0, 1), *args, carry={})[0]
+        out.square().sum().backward()
+        grads.append([base.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for plain, offloaded in zip(*grads):
+        torch.testing.assert_close(offloaded, plain, **TIGHT)
 
 
 @pytest.mark.parametrize("connection", CONNECTIONS)

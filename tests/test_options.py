@@ -242,3 +242,69 @@ def test_multilingual_task_keeps_its_own_sampling_method(data_dir):
     assert args.sampling_method == "temperature" and args.connection == "b2t"
     model = tasks.setup_task(args).build_model(args)
     assert model.encoder.word_dropout_p == 0.0 and model.decoder.word_dropout_p == 0.0
+
+
+# ----------------------------------------------------------------------------------- issue 12's refusals
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_resi_dual_alpha_must_be_finite(data_dir, value):
+    flag = f"--resi-dual-alpha={value}"  # "=": argparse would take -inf for an option
+    refused(data_dir, "--arch", "transformer_b2t", "--connection", "resi-dual", flag,
+            match=f"--resi-dual-alpha {value}: must be a finite number")  # fmt: skip
+    # named as such on another method too, not as "only applies to resi-dual"
+    refused(data_dir, "--arch", "transformer_b2t", flag, match="must be a finite number")
+
+
+_EMPTY_REFUSED = [m for m, c in b2t_fairseq.modules.CONNECTIONS.items() if not c.empty_stacks]
+_EMPTY_ALLOWED = [m for m, c in b2t_fairseq.modules.CONNECTIONS.items() if c.empty_stacks]
+
+
+def test_methods_that_refuse_empty_stacks():
+    # the three whose constants involve N and M (README, 'What the layers compute')
+    assert sorted(_EMPTY_REFUSED) == ["deepnorm", "sub-ln", "tfixup"]
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("connection", _EMPTY_REFUSED)
+def test_empty_stack_refused_where_the_constants_need_depth(data_dir, connection, stack):
+    msg = refused(data_dir, "--arch", "transformer_b2t", "--connection", connection, f"--{stack}-layers", "0",
+                  match=f"--{stack}-layers 0 leaves the {stack} without layers, but --connection {connection}")
+    assert "choose another --connection" in msg
+
+
+def test_empty_stack_refused_for_such_an_init_rule_and_the_lm(data_dir):
+    refused(data_dir, "--arch", "transformer_b2t", "--connection", "post-ln", "--init-scaling", "deepnorm",
+            "--encoder-layers", "0", match="but --init-scaling deepnorm defines its constants")  # fmt: skip
+    refused(data_dir, "--arch", "transformer_lm_b2t", "--connection", "sub-ln", "--decoder-layers", "0",
+            match="--decoder-layers 0 leaves the decoder without layers", task="language_modeling")  # fmt: skip
+    refused(data_dir, "--arch", "transformer_b2t", "--decoder-layers", "-1", match="--decoder-layers -1: a stack has")
+
+
+@pytest.mark.parametrize("connection", _EMPTY_ALLOWED)
+def test_empty_stack_trains_where_well_defined(data_dir, connection):
+    """fairseq trains a Transformer whose encoder (or decoder) has no layers; so do the methods whose constants
+    need no depth of the empty stack (B2T's N^-1/2 scales the layers of its own stack only)."""
+    import torch
+
+    for encoder_layers, decoder_layers in ((0, 1), (1, 0)):
+        model, task, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", connection,
+                                                "--encoder-layers", encoder_layers, "--decoder-layers", decoder_layers,
+                                                *TINY])  # fmt: skip
+        assert (len(model.encoder.layers), len(model.decoder.layers)) == (encoder_layers, decoder_layers)
+        model.train()
+        src, prev = torch.randint(4, 30, (2, 5)), torch.randint(4, 30, (2, 4))
+        out = model(src, torch.full((2,), 5), prev)[0]
+        out.float().logsumexp(-1).mean().backward()
+        assert torch.isfinite(out).all() and model.decoder.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_share_all_embeddings_needs_a_joined_dictionary(data_dir, tmp_path):
+    """fairseq's own refusal is a plain ValueError deep inside build_model; ours names the fix, before it."""
+    import shutil
+
+    lines = (data_dir / "dict.tgt.txt").read_text().splitlines()
+    shutil.copy(data_dir / "dict.src.txt", tmp_path / "dict.src.txt")
+    (tmp_path / "dict.tgt.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two words swapped
+    with pytest.raises(B2TConfigError, match="--share-all-embeddings needs one dictionary for source and target") as e:
+        build(tmp_path, "--arch", "transformer_b2t", "--share-all-embeddings", *TINY)
+    assert "fairseq-preprocess --joined-dictionary" in str(e.value) and "drop --share-all-embeddings" in str(e.value)
+    build(data_dir, "--arch", "transformer_b2t", "--share-all-embeddings", *TINY)  # one dictionary: fine

@@ -176,3 +176,22 @@ def test_main_help_and_required_arg(capsys):
     with pytest.raises(SystemExit) as exc:
         td.main([])
     assert exc.value.code != 0
+
+
+def test_console_script_exit_status_and_bad_counts(tmp_path, capsys):
+    """The README's own example exits 0 (main used to return its counts, which the console script's wrapper
+    turned into exit status 1); a count below 1 is one line naming the flag."""
+    from conftest import run
+
+    ok = run("b2t-toy-data", "--out-dir", tmp_path / "raw", "--train", 30, "--valid", 5, "--test", 5, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stderr == "" and "wrote train=30 valid=5 test=5" in ok.stdout
+    assert len(_read_lines(tmp_path / "raw" / "train.src")) == 30
+    bad = run("b2t-toy-data", "--out-dir", tmp_path / "bad", "--train", -3, check=False)
+    assert (bad.returncode, bad.stderr) == (2, "b2t-toy-data: error: --train -3: give a number of pairs of at least 1\n")
+    for flag, value in (("--valid", 0), ("--test", -1)):  # the same check, in this process
+        with pytest.raises(SystemExit) as exc:
+            td.main(["--out-dir", str(tmp_path / "bad"), flag, str(value)])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == f"b2t-toy-data: error: {flag} {value}: give a number of pairs of at least 1\n"
+    assert not (tmp_path / "bad").exists()

@@ -34,9 +34,45 @@ class _LayerCalls:
     def _call_layer(self, layer, *args, **kwargs):
         if not (self.checkpoint_layers and torch.is_grad_enabled()):
             return layer(*args, **kwargs)
-        offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_activations else None
-        with offload or contextlib.nullcontext():
+        with _OffloadedInputs() if self.offload_activations else contextlib.nullcontext():
             return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+
+
+class _OffloadedInputs(torch.autograd.graph.saved_tensors_hooks):
+    """What non-reentrant checkpointing saves outside the layer (its positional inputs), kept in CPU memory
+    until the backward pass, each in its own layout.
+
+    torch's ``save_on_cpu(pin_memory=True)`` copies every tensor into a new contiguous one, so a transposed
+    input came back contiguous: the recomputed layer then took other kernels (a Linear on a contiguous input
+    saves other tensors than on a transposed one) and torch refused the recomputation ("Recomputed values ...
+    have different metadata"). fairseq's own offloading moves the inputs with ``.to``, which keeps the layout;
+    this does the same, into pinned memory where a GPU can copy asynchronously."""
+
+    def __init__(self):
+        def pack(tensor):
+            if tensor.device.type == "cpu":
+                return None, tensor  # already there: nothing to move, nothing to copy
+            pinned = tensor.is_cuda and not tensor.is_sparse
+            packed = torch.empty_like(tensor, device="cpu", pin_memory=pinned)  # same strides where dense
+            packed.copy_(tensor, non_blocking=pinned)
+            return tensor.device, packed
+
+        def unpack(packed):
+            device, tensor = packed
+            return tensor if device is None else tensor.to(device, non_blocking=True)
+
+        super().__init__(pack, unpack)
+
+
+def _layer_layout(x):
+    """The stack's input in the layout every layer hands on: T x B x C contiguous, not the B x T x C transpose.
+
+    With a transposed input, a method whose layers end in ``x + F(...)`` (pre-ln, tfixup, rezero, sub-ln) returns
+    transposed outputs too. Under ``--compile-layers``, AOT autograd then traces the layer's backward with that
+    layout for the incoming gradient, and its stride rule for dropout's backward disagrees with the kernel's on
+    such a gradient: the ``.view`` of the next Linear's backward fails on the first real batch. A contiguous
+    input keeps every layer on the layout a layer norm's output has, for all methods alike."""
+    return x.contiguous()
 
 
 class ConnectedEncoderLoop(_LayerCalls):
@@ -49,7 +85,7 @@ class ConnectedEncoderLoop(_LayerCalls):
         """``x`` (T x B x C) through every layer and the method's end of the stack; each layer's output is
         appended to ``states`` when given."""
         connection = self.connection
-        x, carry = connection.begin(self, x)
+        x, carry = connection.begin(self, _layer_layout(x))
         for index, layer in enumerate(self.layers):
             x = connection.layer_input(self, index, x, carry)
             x, carry = self._call_layer(layer, x, padding_mask, carry=carry)
@@ -167,7 +203,7 @@ class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
         attn: Optional[Tensor] = None
         inner_states: List[Optional[Tensor]] = [x]
         connection = self.connection
-        x, carry = connection.begin(self, x)
+        x, carry = connection.begin(self, _layer_layout(x))
         for index, layer in enumerate(self.layers):
             x = connection.layer_input(self, index, x, carry)
             aligned = index == alignment_layer

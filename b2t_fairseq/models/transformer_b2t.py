@@ -15,7 +15,7 @@ from b2t_fairseq.int8 import CpuDecoding
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import apply_init_scaling
-from b2t_fairseq.options import add_b2t_args, as_namespace, resolve_options
+from b2t_fairseq.options import add_b2t_args, as_namespace, check_task, resolve_options
 from b2t_fairseq.run_safety import IdentityChecked
 
 
@@ -30,6 +30,7 @@ class TransformerB2TModel(CpuDecoding, IdentityChecked, TransformerModel):
     def build_model(cls, args, task):
         args = as_namespace(args)
         transformer_b2t(args)
+        check_task(args, task)
         model = super().build_model(args, task)
         apply_init_scaling(model.encoder, args.init_scaling)
         apply_init_scaling(model.decoder, args.init_scaling)

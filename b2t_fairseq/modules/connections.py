@@ -85,6 +85,10 @@ class Connection:
     knobs = {}
     # False: the method weighs every layer's output, so layers cannot be dropped (--*-layerdrop)
     layerdrop = True
+    # False: the method's constants (of its layers, its init rule, its embedding scale) are defined for N, M >= 1
+    # only (DeepNet's encoder alpha uses N^4 M; T-Fixup scales the encoder's embeddings by (9N)^(-1/4)), so no
+    # stack may be empty (--encoder-layers 0, --decoder-layers 0)
+    empty_stacks = True
 
     def __init__(self, shape: StackShape):
         self.shape = shape
@@ -158,6 +162,8 @@ class B2T(PostLN):
 
     @classmethod
     def scale_init(cls, stack, shape):
+        if len(stack.layers) == 0:
+            return None  # no layer to scale (the other stack's factor is its own N^-1/2)
         factor = len(stack.layers) ** -0.5
         for layer in stack.layers._modules.values():
             for pname, p in layer.named_parameters():
@@ -174,6 +180,7 @@ class DeepNorm(Connection):
 
     name = "deepnorm"
     default_init_scaling = "deepnorm"
+    empty_stacks = False
 
     @staticmethod
     def constants(shape):
@@ -235,6 +242,7 @@ class TFixup(Connection):
     default_init_scaling = "tfixup"
     init_scales_embeddings = True
     decoder_only = False
+    empty_stacks = False
 
     def sublayer(self, layer, name, x, f, norm, carry):
         return x + f(x)
@@ -410,6 +418,7 @@ class SubLN(PreLN):
 
     name = "sub-ln"
     default_init_scaling = "subln"
+    empty_stacks = False
     SCALED = ("self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 
     def add_parameters(self, layer, names):
