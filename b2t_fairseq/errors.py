@@ -9,7 +9,7 @@ class B2TConfigError(ValueError):
 _previous_hook = None
 
 
-def _own_error(exc):
+def own_error(exc):
     """Our error, or the one a caller wrapped in its own (fairseq's trainer turns any failure to load weights
     into "please ensure that the architectures match")."""
     seen = set()
@@ -22,7 +22,7 @@ def _own_error(exc):
 
 
 def _excepthook(exc_type, exc, tb):
-    own = _own_error(exc)
+    own = own_error(exc)
     if own is not None:
         print(f"b2t_fairseq: error: {own}", file=sys.stderr)
         return

@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 from b2t_fairseq.errors import B2TConfigError
@@ -176,8 +177,10 @@ def _guarded_loader(original):
                 theirs = identity(model_cfg)
                 if (state.get("extra_state") or {}).get(DATA_KEY):
                     theirs["data"] = state["extra_state"][DATA_KEY]
+                if type(state["model"]) is dict:  # a plain dict (written by another averaging tool) takes no tag
+                    state["model"] = OrderedDict(state["model"])
                 setattr(state["model"], _TAG, (str(path), theirs, arg_overrides))
-            except AttributeError:  # a plain dict cannot carry the tag; nothing to compare then
+            except AttributeError:  # a state dict of another kind cannot carry the tag; nothing to compare then
                 pass
         if arg_overrides is not None and state.get("cfg") is not None:
             from fairseq.dataclass.utils import overwrite_args_by_name

@@ -76,19 +76,20 @@ def test_every_gpu_count_sees_the_same_tokens_per_update(gpus, freq):
     assert max(gpus, 1) * 2048 * int(f["--update-freq"]) == BASE["tokens_per_update"]
 
 
-def test_dry_run_prints_the_18l_command(capsys):
+def test_dry_run_prints_the_18l_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved here, so another node's cwd cannot matter
     assert main(["train", "--method", "b2t", "--depth", "18", "--gpus", "8", "--data-bin", "bin", "--save-dir", "ck",
                  "--dry-run", "--", "--log-interval", "50"]) == 0  # fmt: skip
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     cmd = line.split()
-    assert cmd[:2] == ["fairseq-train", "bin"]
+    assert cmd[:2] == ["fairseq-train", str(tmp_path / "bin")]
     f = train_flags(cmd)
     expect = {"--arch": "transformer_b2t", "--encoder-layers": "18", "--decoder-layers": "18", "--dropout": "0.5",
               "--sampling-method": "worddrop", "--enc-replace-rate": "0.1", "--dec-replace-rate": "0.1",
               "--lr": "0.001", "--lr-scheduler": "inverse_sqrt", "--warmup-updates": "4000",
               "--label-smoothing": "0.1", "--criterion": "label_smoothed_cross_entropy", "--max-tokens": "4096",
-              "--update-freq": "2", "--distributed-world-size": "8", "--connection": "b2t", "--save-dir": "ck",
+              "--update-freq": "2", "--distributed-world-size": "8", "--connection": "b2t", "--save-dir": str(tmp_path / "ck"),
               "--keep-last-epochs": "10", "--seed": "1"}  # fmt: skip
     assert {k: f.get(k) for k in expect} == expect
     assert f["--fp16"] is True and f["--share-all-embeddings"] is True and "--cpu" not in f

@@ -104,13 +104,14 @@ def test_fairseqs_parsers_accept_the_commands(data_dir):
     assert args.cpu and args.path == "avg.pt"
 
 
-def test_dry_run_prints_one_line_with_extra_flags_last(capsys):
+def test_dry_run_prints_one_line_with_extra_flags_last(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved here, so another node's cwd cannot matter
     assert main(["train", "--method", "post-ln", "--depth", "16", "--gpus", "4", "--data-bin", "bin", "--save-dir",
                  "ckpt", "--dry-run", "--", "--log-interval", "50"]) == 0
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     cmd = line.split()
-    assert cmd[:2] == ["fairseq-train", "bin"]
+    assert cmd[:2] == ["fairseq-train", str(tmp_path / "bin")]
     f = train_flags(cmd)
     assert (f["--connection"], f["--update-freq"], f["--task"]) == ("post-ln", "6", "language_modeling")
     assert cmd[-2:] == ["--log-interval", "50"]

@@ -2,6 +2,7 @@
 command, the results table, bad input, and one smoke run through fairseq's real train/generate."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -72,20 +73,21 @@ def test_depth_configs_set_arch_dropout_worddrop_and_updates():
         assert ("--enc-replace-rate" in f) == (depth > 6)
 
 
-def test_dry_run_prints_the_18l_command(capsys):
+def test_dry_run_prints_the_18l_command(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved here, so another node's cwd cannot matter
     assert main(["train", "--method", "pre-ln", "--depth", "18", "--gpus", "8", "--data-bin", "data-bin/wmt16",
                  "--save-dir", "ckpt/pre-ln-18", "--dry-run", "--", "--log-interval", "50"]) == 0  # fmt: skip
     line = capsys.readouterr().out.strip()
     assert "\n" not in line
     cmd = line.split()
-    assert cmd[:2] == ["fairseq-train", "data-bin/wmt16"]
+    assert cmd[:2] == ["fairseq-train", str(tmp_path / "data-bin/wmt16")]
     f = train_flags(cmd)
     assert f["--arch"] == "transformer_b2t_wmt_en_de_18l"
     assert f["--connection"] == "pre-ln"
     assert f["--dropout"] == "0.5"
     assert (f["--sampling-method"], f["--enc-replace-rate"], f["--dec-replace-rate"]) == ("worddrop", "0.1", "0.1")
     assert f["--fp16"] is True and "--cpu" not in f
-    assert f["--save-dir"] == "ckpt/pre-ln-18" and f["--user-dir"].endswith("b2t_fairseq")
+    assert f["--save-dir"] == str(tmp_path / "ckpt/pre-ln-18") and f["--user-dir"].endswith("b2t_fairseq")
     for flag, value in {"--lr": "0.001", "--lr-scheduler": "inverse_sqrt", "--warmup-updates": "4000",
                         "--warmup-init-lr": "1e-07", "--stop-min-lr": "1e-09", "--clip-norm": "0.1",
                         "--weight-decay": "0.0", "--criterion": "label_smoothed_cross_entropy",
@@ -330,6 +332,23 @@ def test_smoke_prepare_train_evaluate_table(tmp_path):
     row = _row(table, "B2T", "6L-6L", "ours, scale smoke")
     assert row[3:] == ["–"] * 4 + [f"{result['bleu']['2014']:.2f}"] + ["–"] * 2 + [f"{result['avg']:.2f}†"]
     assert f"SacreBLEU signature (ours): {result['signature']}" in table
+
+    # a data-bin from another prepare, same vocabulary in another order: evaluate and a resumed train refuse it
+    other = tmp_path / "reordered-data-bin"
+    shutil.copytree(data_bin, other)
+    for name in ("dict.en.txt", "dict.de.txt"):
+        lines = (other / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        lines[0], lines[1] = lines[1], lines[0]
+        (other / name).write_text("".join(lines), encoding="utf-8")
+    for argv in (["evaluate", "--scale", "smoke", "--save-dir", save_dir, "--data-bin", other, "--refs",
+                  prepared / "refs", "--years", "2014", "--out", tmp_path / "other.json"],
+                 ["train", "--method", "b2t", "--depth", "6", "--scale", "smoke", "--data-bin", other, "--save-dir",
+                  save_dir]):  # fmt: skip
+        proc = subprocess.run([str(SCRIPTS / f"{argv[0]}.sh"), *map(str, argv[1:])], cwd=tmp_path,
+                              env=cli_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "trained with other dictionaries than this data's" in proc.stderr, (argv[0], proc.stderr[-2000:])
+    assert not (tmp_path / "other.json").exists()
 
 
 def subsets_of(data_bin):

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from b2t_fairseq import atomic
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.errors import B2TConfigError, own_error
 from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -317,6 +317,9 @@ def fairseq_errors(tool):
     except RecipeError:
         raise
     except Exception as e:
+        own = own_error(e)  # ours, perhaps inside fairseq's "please ensure that the architectures match"
+        if own is not None:
+            raise RecipeError(f"{tool}: {own}") from e
         first = (str(e).strip().splitlines() or [""])[0]
         raise RecipeError(f"{tool} failed: {type(e).__name__}{': ' + first if first else ''} (the command "
                           "printed above shows the full traceback)") from e  # fmt: skip
