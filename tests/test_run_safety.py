@@ -119,16 +119,16 @@ def test_averaging_two_runs_is_refused(toy_corpus, b2t_run, tmp_path):
 
 
 # ------------------------------------------------------------------ damaged checkpoints
-@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
-def test_damaged_checkpoint_last_names_the_file_and_the_fix(toy_corpus, b2t_run, tmp_path, damage):
+def test_damaged_checkpoint_last_names_the_file_and_the_fix(toy_corpus, b2t_run, tmp_path):
     save_dir = _copy_run(b2t_run, tmp_path)
     last = save_dir / "checkpoint_last.pt"
     data = last.read_bytes()
-    last.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}[damage])
-    proc = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3, check=False)
-    line = _one_line_error(proc, str(last), "copy the newest intact one over it", "checkpoint")
-    assert "weights_only" not in proc.stderr  # never torch's advice to switch the safe unpickler off
-    assert "checkpoint2.pt" in line or "checkpoint1.pt" in line
+    for damage, damaged in {"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}.items():
+        last.write_bytes(damaged)
+        proc = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3, check=False)
+        line = _one_line_error(proc, str(last), "copy the newest intact one over it", "checkpoint")
+        assert "weights_only" not in proc.stderr, damage  # never torch's advice to switch the safe unpickler off
+        assert "checkpoint2.pt" in line or "checkpoint1.pt" in line, damage
     # the fix it names works: the run resumes from the copied checkpoint
     shutil.copyfile(save_dir / "checkpoint2.pt", last)
     resumed = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3)
@@ -261,18 +261,24 @@ def test_a_save_dir_belongs_to_one_run(toy_corpus, b2t_run, tmp_path):
     assert (tmp_path / "avg.pt").is_file(), ok.stdout
 
 
-@pytest.mark.parametrize("output", ["checkpoint_last.pt", "checkpoint2.pt", "checkpoint_2_18.pt", "checkpoint_best.pt"])
-def test_an_average_never_replaces_a_training_checkpoint(b2t_run, tmp_path, output):
+def test_an_average_never_replaces_a_training_checkpoint(b2t_run, tmp_path, capsys):
+    from b2t_fairseq.tools.average_checkpoints import cli_main
+
     save_dir = _copy_run(b2t_run, tmp_path)
     before = {p.name: p.read_bytes() for p in save_dir.iterdir()}
     proc = run("b2t-average-checkpoints", "--inputs", save_dir, "--num-epoch-checkpoints", 2, "--output",
-               save_dir / output, check=False)  # fmt: skip
+               save_dir / "checkpoint_last.pt", check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"--output {save_dir / output}" in proc.stderr and "averaged.pt" in proc.stderr
+    assert f"--output {save_dir / 'checkpoint_last.pt'}" in proc.stderr and "averaged.pt" in proc.stderr
+    for output in ("checkpoint2.pt", "checkpoint_2_18.pt", "checkpoint_best.pt"):  # the same check, in-process
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["--inputs", str(save_dir), "--num-epoch-checkpoints", "2", "--output", str(save_dir / output)])
+        assert exit_.value.code == 1 and f"--output {save_dir / output}" in capsys.readouterr().err, output
     assert {p.name: p.read_bytes() for p in save_dir.iterdir()} == before
     # the name it suggests is accepted
     run("b2t-average-checkpoints", "--inputs", save_dir, "--num-epoch-checkpoints", 2, "--output",
         save_dir / "averaged.pt")  # fmt: skip
+    assert (save_dir / "averaged.pt").is_file()
 
 
 @pytest.mark.parametrize("flag", ["--fp16", "--bf16"])
