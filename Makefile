@@ -49,8 +49,10 @@ $(VENV)/.b2t-deps:
 	touch $@
 
 # A regular (non-editable) install, so that `--user-dir b2t_fairseq` resolves from any working directory
-# (fairseq also looks for the user dir next to its own package). Reinstalled whenever a source changes.
+# (fairseq also looks for the user dir next to its own package). Reinstalled whenever a source changes; build/ is
+# removed first, or setuptools would install a module that has since moved or gone from its stale copy there.
 $(VENV)/.b2t-package: $(VENV)/.b2t-deps $(PKG_SOURCES) README.md
+	rm -rf build
 	$(BIN)/pip install --no-deps --no-build-isolation --quiet .
 	touch $@
 

@@ -45,7 +45,7 @@ setup(
             "b2t-average-checkpoints=b2t_fairseq.tools.average_checkpoints:cli_main",
             "b2t-score=b2t_fairseq.tools.score:cli_main",
             "b2t-pipeline=b2t_fairseq.tools.pipeline:cli_main",
-            "b2t-toy-data=b2t_fairseq.toy_data:main",
+            "b2t-toy-data=b2t_fairseq.toy.translation:main",
             "b2t-grad-norms=b2t_fairseq.analysis.grad_norms:cli_main",
             "b2t-loss-curves=b2t_fairseq.analysis.loss_curves:cli_main",
         ]

@@ -4,7 +4,9 @@ Importing this package (``--user-dir b2t_fairseq``) registers the models and arc
 """
 import os
 
-from b2t_fairseq import checkpoint_compat, distributed_compat, errors, numpy_compat, options, preemption, run_safety
+from b2t_fairseq import options
+from b2t_fairseq.compat import checkpoints, distributed, numpy2
+from b2t_fairseq.safety import errors, preemption, runs
 
 
 def _answer_to_fairseqs_spellings():
@@ -23,11 +25,11 @@ def _answer_to_fairseqs_spellings():
 
 _answer_to_fairseqs_spellings()
 
-checkpoint_compat.allow_fairseq_checkpoints()
-numpy_compat.install()
-distributed_compat.install()
+checkpoints.allow_fairseq_checkpoints()
+numpy2.install()
+distributed.install()
 errors.install_excepthook()
-run_safety.install()
+runs.install()
 preemption.install()
 options.install_shared_name_handling()
 

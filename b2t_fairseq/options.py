@@ -12,7 +12,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.modules.connections import CONNECTIONS, INIT_RULES, get_connection
 
 # NormFormer options of fairseq's layers that rewire the residual path in ways our layers do not.
@@ -82,7 +82,7 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "compile every encoder/decoder layer with this torch.compile backend (inductor: fused kernels; "
             "aot_eager: tracing only), for training and decoding; state dicts are unchanged. TorchScript is not "
-            "supported (b2t_fairseq/compiling.py says why). Default '': off"
+            "supported (b2t_fairseq/fast_paths/compiling.py says why). Default '': off"
         },
     )
     int8_decoding: ChoiceEnum(["none", "decoder", "all"]) = field(
@@ -91,7 +91,7 @@ class B2TOptions(FairseqDataclass):
             "help": "CPU decoding: dynamic int8 quantization of the Linear layers of the decoder (decoder: its layers "
             "and output projection; all: the encoder's layers too), applied when fairseq-generate/-interactive or "
             "the hub prepares a loaded model; checkpoints keep float32 weights. For a trained model: "
-            "--model-overrides \"{'int8_decoding': 'decoder'}\" (b2t_fairseq/int8.py)"
+            "--model-overrides \"{'int8_decoding': 'decoder'}\" (b2t_fairseq/fast_paths/int8.py)"
         },
     )
     log_layer_grad_norms: int = field(

@@ -700,10 +700,10 @@ Recorded by `benchmarks/bench_b2t_vs_transformer.py` (see `benchmarks/README.md`
 - **gen sent/s**: `SequenceGenerator`, beam 4, eval/no_grad; every hypothesis is forced to exactly L tokens +
   EOS (`max_len_a=0, max_len_b=L, min_len=L`) so both models do identical work whatever their random weights.
 - **b2t unpacked**: the b2t row's model, prepared the same way, generating with `B2T_PACKED_LINEARS=0` (exact
-  mode without its packed Linear layers, `b2t_fairseq/packed_linear.py`): generation only. b2t / b2t unpacked is
+  mode without its packed Linear layers, `b2t_fairseq/fast_paths/packed_linear.py`): generation only. b2t / b2t unpacked is
   what the packing gives; b2t unpacked / transformer is what the rest of our decoding path gives.
 - **b2t int8**: the b2t row's model after its training rounds, with `--int8-decoding` (dynamic int8 Linear
-  layers, `b2t_fairseq/int8.py`) applied as fairseq-generate applies it: generation only. Its hypotheses differ
+  layers, `b2t_fairseq/fast_paths/int8.py`) applied as fairseq-generate applies it: generation only. Its hypotheses differ
   from the float model's (random weights make the forced-length work identical anyway); the BLEU cost is
   measured on trained models by `experiments/int8_decoding.py`.
 - **×transformer**: ratio to the stock model, computed per round and summarised as median [min–max];

@@ -25,14 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from b2t_fairseq import atomic  # noqa: E402
+from b2t_fairseq.safety import atomic  # noqa: E402
 from b2t_fairseq.tools.pipeline import as_flags  # noqa: E402
 
 # name: (--int8-decoding scope, quantize the attention queries and keys too?)
 VARIANTS = {"float32": (None, False), "int8-decoder": ("decoder", False), "int8-all": ("all", False),
             "int8-decoder+qk": ("decoder", True)}  # fmt: skip
-# fairseq-generate in this interpreter with b2t_fairseq.int8.KEEP_FLOAT emptied: what keeping q/k float saves
-WITH_QK = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import b2t_fairseq.int8 as q; q.KEEP_FLOAT = (); "
+# fairseq-generate in this interpreter with b2t_fairseq.fast_paths.int8.KEEP_FLOAT emptied: what keeping q/k float saves
+WITH_QK = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import b2t_fairseq.fast_paths.int8 as q; q.KEEP_FLOAT = (); "
            "from fairseq_cli.generate import cli_main; sys.argv[0] = 'fairseq-generate'; cli_main()")
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 

@@ -11,7 +11,7 @@ work=${1:-$(mktemp -d)}
 mkdir -p "$work" && cd "$work"
 export OMP_NUM_THREADS=1
 [ -f bin/preprocess.log ] || {
-  "$bin/python" -c "from b2t_fairseq import toy_data; toy_data.write_corpus('raw', 200, 20, 20, seed=1)"
+  "$bin/python" -c "from b2t_fairseq.toy import translation as toy_translation; toy_translation.write_corpus('raw', 200, 20, 20, seed=1)"
   "$bin/fairseq-preprocess" --source-lang src --target-lang tgt --trainpref raw/train --validpref raw/valid \
     --testpref raw/test --destdir bin --joined-dictionary > /dev/null 2>&1
 }

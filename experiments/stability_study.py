@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from b2t_fairseq import atomic  # noqa: E402
+from b2t_fairseq.safety import atomic  # noqa: E402
 from b2t_fairseq.analysis import loss_curves  # noqa: E402
 from b2t_fairseq.modules.connections import CONNECTIONS  # noqa: E402
 from b2t_fairseq.recipes.common import method_train_options  # noqa: E402

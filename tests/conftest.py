@@ -47,11 +47,11 @@ def run(tool, *args, cwd=None, env=None, check=True, timeout=600):
 @pytest.fixture(scope="session")
 def toy_corpus(tmp_path_factory):
     """Raw toy corpus (train 1500 / valid 100 / test 100) and its binarized joined-dictionary data-bin."""
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     root = tmp_path_factory.mktemp("toy")
     raw = root / "raw"
-    toy_data.write_corpus(raw, n_train=1500, n_valid=100, n_test=100, seed=1)
+    toy_translation.write_corpus(raw, n_train=1500, n_valid=100, n_test=100, seed=1)
     run(
         "fairseq-preprocess",
         "--source-lang", "src", "--target-lang", "tgt",

@@ -184,12 +184,12 @@ def trained(tmp_path_factory):
     from fairseq import options
     from fairseq_cli import preprocess
 
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     root = tmp_path_factory.mktemp("trained")
     (root / "fake-wandb").mkdir()
     (root / "fake-wandb" / "wandb.py").write_text(FAKE_WANDB)
-    toy_data.write_corpus(root / "raw", n_train=200, n_valid=40, n_test=1, seed=3)
+    toy_translation.write_corpus(root / "raw", n_train=200, n_valid=40, n_test=1, seed=3)
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--source-lang", "src", "--target-lang", "tgt", "--trainpref", str(root / "raw" / "train"),
         "--validpref", str(root / "raw" / "valid"), "--destdir", str(root / "data-bin"), "--joined-dictionary",

@@ -56,7 +56,7 @@ def _train_until_killed(cmd_args, log_file, cwd, kill_after_epoch):
 @pytest.mark.parametrize("arch", ["transformer_b2t", "transformer"])
 def test_killed_training_resumes_from_checkpoint_last(toy_corpus, tmp_path, arch):
     """Killed after epoch 2, resumed: the same losses as an uninterrupted run, with dropout and word dropout on.
-    (fairseq 0.12 alone drifts here: a resumed run orders its batches under another seed; run_safety.py.)
+    (fairseq 0.12 alone drifts here: a resumed run orders its batches under another seed; safety/runs.py.)
     Stock ``transformer`` with the plugin loaded gets the same."""
     regularised = ["--dropout", 0.1] + (["--sampling-method", "worddrop", "--enc-replace-rate", 0.1,
                                          "--dec-replace-rate", 0.1] if arch == "transformer_b2t" else [])  # fmt: skip
@@ -120,7 +120,7 @@ def test_new_parameters_survive_save_resume_average_and_generate(toy_corpus, tmp
     Linear layers): train, resume, average two epoch checkpoints, decode."""
     import torch
 
-    from b2t_fairseq.checkpoint_compat import load_checkpoint
+    from b2t_fairseq.compat.checkpoints import load_checkpoint
 
     common = [toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
               "--connection", connection, "--save-dir", tmp_path / "ckpt"]  # fmt: skip
@@ -309,7 +309,7 @@ def test_authors_checkpoint_format_is_loaded_as_b2t(toy_corpus, tmp_path):
 
     import torch
 
-    from b2t_fairseq.checkpoint_compat import load_checkpoint
+    from b2t_fairseq.compat.checkpoints import load_checkpoint
 
     run("fairseq-train", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL,
         *TINY_OPTIM, "--max-update", 30, "--save-dir", tmp_path / "ckpt")  # fmt: skip
@@ -354,8 +354,8 @@ def test_authors_checkpoint_keys_and_options_not_offered():
     import torch
 
     import b2t_fairseq  # noqa: F401  (registers the architectures)
-    from b2t_fairseq.checkpoint_compat import adopt_authors_checkpoint
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.compat.checkpoints import adopt_authors_checkpoint
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     def state(**options):
         args = argparse.Namespace(arch="transformer_wmt_en_de", **{**_AUTHORS_MODEL_OPTIONS, **options})

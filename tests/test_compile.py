@@ -56,7 +56,7 @@ def test_compiled_layers_train_and_decode_as_eager(data_dir, connection):
 
 
 def test_unknown_backend_is_one_line(data_dir):
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     with pytest.raises(B2TConfigError, match="--compile-layers no-such: not a torch.compile backend") as info:
         build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--compile-layers", "no-such"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import b2t_fairseq  # noqa: F401  (registers the models)
-from b2t_fairseq.packed_linear import PackedLinear, pack_linears, packing_available
+from b2t_fairseq.fast_paths.packed_linear import PackedLinear, pack_linears, packing_available
 from conftest import build_model
 from test_layers import DIMS, LM_DIMS, batch, randomize
 
@@ -90,7 +90,7 @@ def test_switch_values_and_what_the_log_says(data_dir, monkeypatch, caplog, valu
 
 @pytest.mark.parametrize("value", ["2", "of", "", "disable"])
 def test_switch_refuses_other_values(data_dir, monkeypatch, value):
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     monkeypatch.setenv("B2T_PACKED_LINEARS", value)
     model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--encoder-layers", "1", "--decoder-layers", "1",

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from conftest import REPO, run
-from b2t_fairseq.recipes import hydra_configs
+from b2t_fairseq.recipes import catalog
 
 
 def test_shipped_configs_are_generated_from_the_recipe_configs(tmp_path):
-    hydra_configs.main(["--out", str(tmp_path)])
+    catalog.main(["--out", str(tmp_path)])
     shipped = REPO / "configs" / "hydra"
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
     assert fresh == sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml"))
     assert len(fresh) == 7  # WMT 6/18/100L, Gigaword 6/18L, WikiText-103 16/32L
     for rel in fresh:
         assert (shipped / rel).read_text() == (tmp_path / rel).read_text(), (
-            f"configs/hydra/{rel} is stale: run python -m b2t_fairseq.recipes.hydra_configs"
+            f"configs/hydra/{rel} is stale: run python -m b2t_fairseq.recipes.catalog"
         )
 
 
@@ -62,7 +62,7 @@ def lm_data_bin(toy_corpus, tmp_path_factory):
 def test_hydra_and_argparse_train_the_same_row(toy_corpus, lm_data_bin, tmp_path, recipe):
     import importlib
 
-    from b2t_fairseq.checkpoint_compat import load_checkpoint
+    from b2t_fairseq.compat.checkpoints import load_checkpoint
 
     main = importlib.import_module(f"b2t_fairseq.recipes.{recipe}").main
     depth, data_bin = ("6", toy_corpus["data_bin"]) if recipe == "wmt_en_de" else ("16", lm_data_bin)

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from b2t_fairseq.packed_linear import PackedLinear
+from b2t_fairseq.fast_paths.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 
 SMALL = ("--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim "
@@ -54,7 +54,7 @@ def test_prepare_for_inference_quantizes_the_named_layers(data_dir, scope, encod
 
 
 def test_int8_of_a_half_precision_model_is_one_line(data_dir):
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--int8-decoding", "decoder"])
     model.half()

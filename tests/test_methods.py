@@ -459,7 +459,7 @@ def test_foreign_init_rule_is_allowed_and_logged(data_dir, caplog):
     ],
 )
 def test_contradicting_flags_fail_with_the_fix(data_dir, argv, task, message):
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     with pytest.raises(B2TConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_args(data_dir, argv, task)

@@ -97,7 +97,7 @@ def test_two_cpu_nodes_train_as_one_process_with_the_same_batch(toy_corpus, tmp_
     for p, out in zip(procs, outs):
         assert p.wait(timeout=600) != 0 and "stopped after update" in out, out[-3000:]
 
-    from b2t_fairseq.checkpoint_compat import load_checkpoint
+    from b2t_fairseq.compat.checkpoints import load_checkpoint
 
     stopped = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"]
     assert 2 <= stopped < 8

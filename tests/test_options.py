@@ -3,7 +3,7 @@ import pytest
 from fairseq import options
 
 import b2t_fairseq  # noqa: F401  (registers the models)
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 from conftest import PLUGIN_DIR, build_model, parse_args  # noqa: F401
 
 TINY = (

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from b2t_fairseq import toy_data
+from b2t_fairseq.toy import translation as toy_translation
 from b2t_fairseq.tools import pipeline
 from conftest import REPO, cli_env, run
 
@@ -19,7 +19,7 @@ SPM = {"vocab_size": 200, "model_type": "unigram", "character_coverage": 1.0}
 @pytest.fixture
 def corpus(tmp_path):
     raw = tmp_path / "raw"
-    toy_data.write_corpus(raw, n_train=300, n_valid=20, n_test=20, seed=3)
+    toy_translation.write_corpus(raw, n_train=300, n_valid=20, n_test=20, seed=3)
     return raw
 
 

@@ -35,7 +35,7 @@ def _interrupted(cmd, signum, after_update):
 
 
 def _updates(path):
-    from b2t_fairseq.checkpoint_compat import load_checkpoint
+    from b2t_fairseq.compat.checkpoints import load_checkpoint
 
     state = load_checkpoint(path)
     return state["optimizer_history"][-1]["num_updates"], state

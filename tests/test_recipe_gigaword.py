@@ -303,10 +303,10 @@ def test_table_refuses_mixed_test_sets_and_duplicate_rows(tmp_path, capsys):
 # ------------------------------------------------------------------ prepare without the shared sample
 def test_prepare_a_synthetic_release_and_rerun(tmp_path, capsys):
     """Any directory in the release layout works (here the toy corpus, with the test pair in ../Giga)."""
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     toy = tmp_path / "toy"
-    toy_data.write_corpus(toy, n_train=200, n_valid=20, n_test=15, seed=3)
+    toy_translation.write_corpus(toy, n_train=200, n_valid=20, n_test=15, seed=3)
     data = tmp_path / "sumdata" / "train"
     names = {"train": ("train.article.txt", "train.title.txt"), "valid": RELEASE_FILES[2:],
              "test": ("../Giga/input.txt", "../Giga/task1_ref0.txt")}  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, cli_env, train_flags
-from b2t_fairseq import toy_speech
+from b2t_fairseq.toy import speech as toy_speech
 from b2t_fairseq.recipes import librispeech as recipe
 from b2t_fairseq.recipes.librispeech import RecipeError, build_train_command, main
 

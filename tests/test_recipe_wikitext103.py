@@ -274,10 +274,10 @@ def _tiny_corpus(raw):
             text = (sample / f"{split}.en").read_text(encoding="utf-8").splitlines()
             return [line for line in text if 0 < len(line.split()) <= 40][:n]
     else:
-        from b2t_fairseq import toy_data
+        from b2t_fairseq.toy import translation as toy_translation
 
         def lines(split, n):
-            return [src for src, _ in toy_data.generate_pairs(n, seed=recipe.SPLITS.index(split))]
+            return [src for src, _ in toy_translation.generate_pairs(n, seed=recipe.SPLITS.index(split))]
     splits = {"train": lines("train", 240), "valid": lines("valid", 30), "test": lines("test", 30)}
     raw.mkdir()
     for split, text in splits.items():

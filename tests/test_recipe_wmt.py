@@ -266,9 +266,9 @@ def _fake_release(root, n_train=600, n_test=100):
         read = lambda split, lang: (sample / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()  # noqa: E731
         source = "real WMT sample"
     else:
-        from b2t_fairseq import toy_data
+        from b2t_fairseq.toy import translation as toy_translation
 
-        toy_data.write_corpus(root / "toy", n_train=n_train, n_valid=n_test, n_test=n_test, seed=1)
+        toy_translation.write_corpus(root / "toy", n_train=n_train, n_valid=n_test, n_test=n_test, seed=1)
         lang_of = {"en": "src", "de": "tgt"}
         read = lambda split, lang: (root / "toy" / f"{split}.{lang_of[lang]}").read_text().splitlines()  # noqa: E731
         source = "generated toy corpus"

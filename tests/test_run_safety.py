@@ -55,6 +55,22 @@ def test_resuming_with_another_method_is_refused(toy_corpus, b2t_run, tmp_path):
     assert "Loaded checkpoint" in allowed.stdout and (save_dir / "checkpoint3.pt").is_file()
 
 
+def test_checkpoints_name_no_class_of_ours(b2t_run):
+    """What a checkpoint pickles is fairseq's, torch's and the standard library's: moving a module of the plugin
+    (issue 20) cannot break loading a checkpoint written before."""
+    import io
+    import pickletools
+    import zipfile
+
+    for path in sorted(b2t_run.glob("checkpoint*.pt")):
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+        ops = list(pickletools.genops(io.BytesIO(data)))
+        names = {str(arg) for op, arg, _ in ops if op.name == "GLOBAL"}
+        names |= {str(ops[i - 2][1]) for i, (op, _, _) in enumerate(ops) if op.name == "STACK_GLOBAL"}
+        assert names and not [n for n in names if n.startswith("b2t_fairseq")], (path.name, sorted(names))
+
+
 def _generate(data_bin, checkpoint, *flags, check=True):
     return run("fairseq-generate", data_bin, "--user-dir", PLUGIN_DIR, "--path", checkpoint, "--gen-subset", "valid",
                "--beam", 2, "--cpu", "--max-sentences", 50, *flags, check=check)  # fmt: skip

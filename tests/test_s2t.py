@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import b2t_fairseq  # noqa: F401  (registers the models)
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.modules import CONNECTIONS, INIT_RULES
 from conftest import build_model, parse_args
 from test_layers import randomize
@@ -407,7 +407,7 @@ def test_live_layer_grad_norms_attach(s2t_dir):
 
 
 def test_int8_decoding_quantizes_the_speech_encoder_layers(s2t_dir):
-    from b2t_fairseq.int8 import quantize_for_cpu_decoding
+    from b2t_fairseq.fast_paths.int8 import quantize_for_cpu_decoding
 
     model, task, _ = build(s2t_dir, ours("b2t"))
     model.eval()

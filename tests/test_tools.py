@@ -7,8 +7,8 @@ import pytest
 import sacrebleu
 import torch
 
-from b2t_fairseq.checkpoint_compat import load_checkpoint
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.compat.checkpoints import load_checkpoint
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.tools.average_checkpoints import average_checkpoints, select_checkpoints
 from b2t_fairseq.tools.average_checkpoints import cli_main as average_cli
 from b2t_fairseq.tools.score import cli_main as score_cli

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from b2t_fairseq import toy_data as td
+from b2t_fairseq.toy import translation as td
 
 SRC_PLURAL_NOUNS = {n[1] for n in td.NOUNS}
 SRC_NOUNS = {n[0] for n in td.NOUNS} | SRC_PLURAL_NOUNS

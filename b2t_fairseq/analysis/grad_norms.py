@@ -9,7 +9,7 @@ A model is built at initialization from fairseq-train model flags (after ``--``;
 one in the flags or checkpoint; fairseq's default is plain cross-entropy, so add ``--criterion
 label_smoothed_cross_entropy --label-smoothing 0.1`` after ``--`` to match training) is divided by its sample
 size, as fairseq's trainer does before the optimizer step, and backpropagated on each of --num-batches batches
-(from --data-bin, or the generated toy corpus of b2t_fairseq.toy_data without one). For every encoder
+(from --data-bin, or the generated toy corpus of b2t_fairseq.toy.translation without one). For every encoder
 and decoder layer (1 = bottom) it records the L2 norm of
 
     params   the gradient of all the layer's parameters together
@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 from b2t_fairseq.analysis.output import pyplot, run_colors, save_png, write_csv
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.modules import CONNECTIONS, ConnectedDecoderLayer, ConnectedEncoderLayer
 from b2t_fairseq.tools.pipeline import split_passthrough
 
@@ -245,10 +245,10 @@ def toy_data_dir(directory):
     """Write the dictionaries of the generated toy corpus (both sides, joined) into ``directory``."""
     from fairseq.data import Dictionary
 
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     dictionary = Dictionary()
-    for word in sorted(toy_data.source_vocab() | toy_data.target_vocab()):
+    for word in sorted(toy_translation.source_vocab() | toy_translation.target_vocab()):
         dictionary.add_symbol(word)
     for side in ("src", "tgt"):
         dictionary.save(str(Path(directory) / f"dict.{side}.txt"))
@@ -259,12 +259,12 @@ def attach_toy_dataset(task, subset, num_sentences, seed=1):
     """Give ``task`` an in-memory ``subset`` of generated toy sentence pairs."""
     from fairseq.data import LanguagePairDataset
 
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     def encode(lines, dictionary):
         return [dictionary.encode_line(line, add_if_not_exist=False, append_eos=True).long() for line in lines]
 
-    pairs = toy_data.generate_pairs(num_sentences, seed)
+    pairs = toy_translation.generate_pairs(num_sentences, seed)
     src = encode([s for s, _ in pairs], task.src_dict)
     tgt = encode([t for _, t in pairs], task.tgt_dict)
     task.datasets[subset] = LanguagePairDataset(

@@ -19,7 +19,7 @@ from fairseq.logging import metrics
 from fairseq.utils import safe_getattr
 from torch import nn
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 
 class LayerGradNormLogger(nn.Module):

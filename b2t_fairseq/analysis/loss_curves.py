@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from b2t_fairseq.analysis.output import pyplot, run_colors, save_png, write_csv
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 PROG = "b2t-loss-curves"
 TRAIN_SPLITS = ("train_inner", "train")

@@ -2,8 +2,8 @@
 import csv
 from pathlib import Path
 
-from b2t_fairseq import atomic
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety import atomic
+from b2t_fairseq.safety.errors import B2TConfigError
 
 
 def write_csv(rows, path, fields):

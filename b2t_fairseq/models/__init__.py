@@ -1,0 +1,1 @@
+"""The fairseq models of the plugin (translation, language model, speech to text), registered on import."""

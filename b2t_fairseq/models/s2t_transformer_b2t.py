@@ -28,14 +28,14 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
-from b2t_fairseq.compiling import compile_layers
-from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.int8 import CpuDecoding
+from b2t_fairseq.fast_paths.compiling import compile_layers
+from b2t_fairseq.safety.errors import B2TConfigError
+from b2t_fairseq.fast_paths.int8 import CpuDecoding
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, ConnectedEncoderLoop, _wrap_layer
 from b2t_fairseq.models.transformer_b2t import mirror_architecture
 from b2t_fairseq.modules import ConnectedEncoderLayer, INIT_RULES, apply_init_scaling, get_connection, stack_shape
 from b2t_fairseq.options import add_b2t_args, as_namespace, resolve_options
-from b2t_fairseq.run_safety import IdentityChecked, describe_difference, identity
+from b2t_fairseq.safety.runs import IdentityChecked, describe_difference, identity
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from fairseq.models.transformer import transformer_legacy as fs
 from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
-from b2t_fairseq.compiling import compile_layers
-from b2t_fairseq.int8 import CpuDecoding
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.fast_paths.compiling import compile_layers
+from b2t_fairseq.fast_paths.int8 import CpuDecoding
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import apply_init_scaling
 from b2t_fairseq.options import add_b2t_args, as_namespace, check_task, resolve_options
-from b2t_fairseq.run_safety import IdentityChecked
+from b2t_fairseq.safety.runs import IdentityChecked
 
 
 @register_model("transformer_b2t")

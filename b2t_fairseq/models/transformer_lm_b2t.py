@@ -15,13 +15,13 @@ from fairseq.modules import AdaptiveInput
 from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
-from b2t_fairseq.compiling import compile_layers
-from b2t_fairseq.int8 import CpuDecoding
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.fast_paths.compiling import compile_layers
+from b2t_fairseq.fast_paths.int8 import CpuDecoding
+from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import apply_init_scaling, get_connection
 from b2t_fairseq.options import B2TOptions, as_namespace, resolve_options
-from b2t_fairseq.run_safety import IdentityChecked
+from b2t_fairseq.safety.runs import IdentityChecked
 
 
 @dataclass

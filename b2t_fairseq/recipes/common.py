@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from b2t_fairseq import atomic
-from b2t_fairseq.errors import B2TConfigError, own_error
+from b2t_fairseq.safety import atomic
+from b2t_fairseq.safety.errors import B2TConfigError, own_error
 from b2t_fairseq.tools.pipeline import as_flags, split_passthrough
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
@@ -350,7 +350,7 @@ def average(save_dir, n):
     inputs = select_checkpoints(save_dir, num_epoch_checkpoints=n)
     output = Path(save_dir) / f"averaged_last{n}.pt"
     if output.is_file() and output.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
-        from b2t_fairseq.checkpoint_compat import load_checkpoint
+        from b2t_fairseq.compat.checkpoints import load_checkpoint
 
         return output, inputs, load_checkpoint(output)
     print(f"averaging {len(inputs)} checkpoints: {', '.join(p.name for p in inputs)}", flush=True)

@@ -21,7 +21,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 from b2t_fairseq.recipes.common import (
     METHODS, PLUGIN_DIR, Recipe, RecipeError, check_data_bin, fmt, run_fairseq, subset_pairs,
 )  # fmt: skip

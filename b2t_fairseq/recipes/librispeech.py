@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (  # noqa: F401  (METHODS: for callers, as the other recipes)
     METHODS, PLUGIN_DIR, RESERVED_EXTRA, Recipe, RecipeError, fmt, run_fairseq,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 from b2t_fairseq.modules.connections import CONNECTIONS
 from b2t_fairseq.recipes.common import (
     METHODS, PLUGIN_DIR, RESERVED_EXTRA, Recipe, RecipeError, fairseq_errors, fmt, run_fairseq,

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 from b2t_fairseq.recipes.common import (
     METHODS, PLUGIN_DIR, Recipe, RecipeError, check_data_bin, fmt, subset_pairs,
 )  # fmt: skip

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from b2t_fairseq import atomic
-from b2t_fairseq.checkpoint_compat import load_checkpoint
-from b2t_fairseq.errors import B2TConfigError
-from b2t_fairseq.run_safety import damaged_checkpoint_error, describe_difference, identity, is_training_checkpoint_name, run_of
+from b2t_fairseq.safety import atomic
+from b2t_fairseq.compat.checkpoints import load_checkpoint
+from b2t_fairseq.safety.errors import B2TConfigError
+from b2t_fairseq.safety.runs import damaged_checkpoint_error, describe_difference, identity, is_training_checkpoint_name, run_of
 
 EPOCH_PATTERN = re.compile(r"checkpoint(\d+)\.pt")
 UPDATE_PATTERN = re.compile(r"checkpoint_\d+_(\d+)\.pt")

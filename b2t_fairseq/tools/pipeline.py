@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -86,11 +86,11 @@ def _python_m(module, *args):
 
 
 def prepare_toy(work, spec):
-    from b2t_fairseq import toy_data
+    from b2t_fairseq.toy import translation as toy_translation
 
     raw = work / "raw"
-    if not (raw / "train.tgt").is_file():  # written last, each file whole or absent (toy_data)
-        toy_data.write_corpus(raw, n_train=spec["train"], n_valid=spec["valid"], n_test=spec["test"], seed=spec["seed"])
+    if not (raw / "train.tgt").is_file():  # written last, each file whole or absent (toy/translation.py)
+        toy_translation.write_corpus(raw, n_train=spec["train"], n_valid=spec["valid"], n_test=spec["test"], seed=spec["seed"])
     return f"{raw}/", "src", "tgt", raw / "test.tgt"
 
 

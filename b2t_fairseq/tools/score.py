@@ -15,8 +15,8 @@ from functools import lru_cache
 
 from sacrebleu.metrics import BLEU
 
-from b2t_fairseq import atomic
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety import atomic
+from b2t_fairseq.safety.errors import B2TConfigError
 
 REMOVE_BPE = ("none", "subword_nmt", "sentencepiece")
 

@@ -36,7 +36,7 @@ fi
 
 # 1. the real CLI in each precision
 data="$out/toy"
-"$py" -c "import sys; from b2t_fairseq import toy_data; toy_data.write_corpus(sys.argv[1], n_train=2000, n_valid=100, n_test=100, seed=1)" "$data/raw"
+"$py" -c "import sys; from b2t_fairseq.toy import translation as toy_translation; toy_translation.write_corpus(sys.argv[1], n_train=2000, n_valid=100, n_test=100, seed=1)" "$data/raw"
 "$py" -m fairseq_cli.preprocess --source-lang src --target-lang tgt --trainpref "$data/raw/train" \
   --validpref "$data/raw/valid" --destdir "$data/bin" --joined-dictionary --workers 2 > "$out/preprocess.log" 2>&1
 for precision in "${precisions[@]}"; do

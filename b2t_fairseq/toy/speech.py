@@ -1,6 +1,6 @@
 """A small spoken corpus in the LibriSpeech layout, synthesised with espeak-ng: strings of spoken digits.
 
-    python -m b2t_fairseq.toy_speech --out toy-librispeech [--train 240 --eval 20]
+    python -m b2t_fairseq.toy.speech --out toy-librispeech [--train 240 --eval 20]
 
 Each utterance is three to six digit words ("seven one oh four"), spoken by espeak-ng with one of a few voices,
 speeds and pitches, resampled to 16 kHz and stored as FLAC in SPLIT/SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac,
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "oh")
 # (speaker id, espeak-ng voice, words per minute, pitch): a few "speakers" per split
@@ -75,7 +75,7 @@ def write_corpus(root, n_train=240, n_eval=20, seed=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m b2t_fairseq.toy_speech", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m b2t_fairseq.toy.speech", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train", type=int, default=240, help="training utterances (default 240)")
     parser.add_argument("--eval", type=int, default=20, help="utterances of each dev/test split (default 20)")

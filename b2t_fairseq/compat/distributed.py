@@ -10,7 +10,7 @@ When a run with several workers resumes, rank 0 reads the checkpoint and fairseq
 pickled (``broadcast_object``); the receivers unpickle it with torch's safe loader, which refuses the run's
 config (an omegaconf ``DictConfig``), so every multi-worker resume died on rank 1. The receivers now allow the
 few omegaconf classes (and the builtins they are rebuilt with) and fairseq's tensor placeholder for that one load; files on disk are still read
-with the plain allow-list of checkpoint_compat.
+with the plain allow-list of compat/checkpoints.py.
 """
 import collections
 import os

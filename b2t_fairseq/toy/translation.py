@@ -17,7 +17,7 @@ import argparse
 import random
 from pathlib import Path
 
-from b2t_fairseq import atomic
+from b2t_fairseq.safety import atomic
 
 SG, PL = "sg", "pl"
 MAX_LEN = 20

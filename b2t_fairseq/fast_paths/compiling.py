@@ -19,7 +19,7 @@ off.
 """
 import torch
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 
 # what README recommends; torch lists aot_eager only among its "debug" backends, which list_backends() leaves out

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def adopt_authors_checkpoint(state, path):
     if arch.startswith("transformer_b2t") or arch.startswith("transformer_lm_b2t"):
         return False
     ours = "transformer_b2t" + arch[len("transformer"):] if arch.startswith("transformer") else None
-    from b2t_fairseq.errors import B2TConfigError
+    from b2t_fairseq.safety.errors import B2TConfigError
 
     if ours not in ARCH_MODEL_REGISTRY:
         raise B2TConfigError(

@@ -23,7 +23,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _guarded_loader(original):
             if not os.path.isfile(local) or zipfile.is_zipfile(local):
                 raise  # missing, or a whole archive that failed for another reason: fairseq's / torch's message
             raise damaged_checkpoint_error(local, exc) from None
-        from b2t_fairseq.checkpoint_compat import adopt_authors_checkpoint
+        from b2t_fairseq.compat.checkpoints import adopt_authors_checkpoint
 
         adopt_authors_checkpoint(state, str(path))
         model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
@@ -465,7 +465,7 @@ def _checked_trainer_init(original):
             )
         _check_writable_logdir(common, cfg.distributed_training)
         original(self, cfg, *args, **kwargs)
-        from b2t_fairseq import preemption
+        from b2t_fairseq.safety import preemption
 
         preemption.install_handlers()
 
@@ -509,7 +509,7 @@ def _bf16_on_cuda(original):
         try:
             return original(cfg, main, **kwargs)
         finally:  # a recipe (or a test) runs fairseq-train in its own process, and goes on after it
-            from b2t_fairseq import preemption
+            from b2t_fairseq.safety import preemption
 
             release_save_dirs()
             preemption.restore_handlers()

@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.safety.errors import B2TConfigError
 
 SCOPES = ("none", "decoder", "all")
 # attention's query and key projections stay float32: their error passes through the softmax; on the demo's toy
@@ -67,7 +67,7 @@ class CpuDecoding:
     the Linear layers left in float32 for the CPU (packed_linear.py)."""
 
     def prepare_for_inference_(self, cfg):
-        from b2t_fairseq.packed_linear import pack_linears
+        from b2t_fairseq.fast_paths.packed_linear import pack_linears
 
         super().prepare_for_inference_(cfg)
         quantize_for_cpu_decoding(self, getattr(self, "b2t_int8_decoding", "none"))

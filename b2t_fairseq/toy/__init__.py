@@ -1,0 +1,1 @@
+"""Generated corpora for the demo and the tests: a toy translation grammar, spoken digits."""
