@@ -15,7 +15,7 @@ FAIRSEQ := fairseq-fixed==0.12.3.1
 # fairseq's remaining dependencies, then ours (setup.py, with its speech extra), then test/plot tools. admin-torch is a test-only
 # numerical reference for --connection admin (its only requirement, torch, is already satisfied).
 DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-learn packaging \
-          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 tensorboardX matplotlib pytest admin-torch==0.1.0 \
+          'sacrebleu>=2.0' sentencepiece sacremoses rouge-score==0.1.2 tensorboardX matplotlib pytest pytest-xdist admin-torch==0.1.0 \
           kaldi-native-fbank soundfile editdistance scipy
 # Test-only numerical reference for --connection deepnorm and sub-ln, without its dependencies: it requires
 # timm (which pulls torchvision and with it another torch) and fairscale, used only for drop path, activation
@@ -60,8 +60,10 @@ demo: setup
 	$(BIN)/b2t-pipeline --config $(DEMO_CONFIG) --work-dir $(WORK) \
 		$(if $(DATA),--data $(DATA)) $(if $(SRC),--src $(SRC)) $(if $(TGT),--tgt $(TGT))
 
+# Two workers, one per core (each test file on one worker, so a file's fixtures are built once): most tests wait on
+# a fairseq process starting (single-threaded imports), which a second worker overlaps.
 test: setup
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 clean:
 	rm -rf demo-out build *.egg-info

@@ -26,8 +26,8 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "the residual method of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
             "post-ln (fairseq's --arch transformer), pre-ln (fairseq's --*-normalize-before), deepnorm (DeepNet), "
-            "admin, tfixup, dlcl, realformer, resi-dual, peri-ln, rezero, sub-ln; formulas in README and "
-            "b2t_fairseq/modules/connections.py"
+            "admin, tfixup, dlcl, realformer, resi-dual, peri-ln, rezero, sub-ln, and of 2021-2025 mix-ln, lns "
+            "(LayerNorm Scaling), layerscale; formulas in README and b2t_fairseq/modules/connections.py"
         },
     )
     residual_bottom_to_top: bool = field(
@@ -55,6 +55,20 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "--connection resi-dual only: the weight of the Post-LN stream in each stack's output "
             "alpha * x + LN(dual stream) (1, the default, as the reference's enc_alpha/dec_alpha)"
+        },
+    )
+    mix_ln_post_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "--connection mix-ln only: the fraction alpha of each stack's layers that are Post-LN (the first "
+            "floor(alpha L)); the others are Pre-LN (0.25, the default, as the reference: 1 of 6 layers, 4 of 18)"
+        },
+    )
+    layerscale_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "--connection layerscale only: the value every lambda starts at; 0 (the default): by the "
+            "stack's depth L as CaiT, 0.1 for L <= 18, 1e-5 for L <= 24, 1e-6 deeper"
         },
     )
     sampling_method: ChoiceEnum(["none", "worddrop"]) = field(
@@ -210,6 +224,9 @@ def resolve_options(args, stacks=("encoder", "decoder")):
                 raise B2TConfigError(f"{flag} {value}: must be a finite number (the default is {default})")
             if value is not None and value != default and method is not conn:
                 raise B2TConfigError(f"{flag} only applies to --connection {method.name}, not {connection}; drop it")
+    problem = conn.check_options(lambda knob: _or_default(safe_getattr(args, knob, None), conn.knobs[knob]))
+    if problem:
+        raise B2TConfigError(problem)
     if not conn.layerdrop:
         for stack in stacks:
             if float(safe_getattr(args, f"{stack}_layerdrop", 0.0) or 0.0) > 0:
@@ -261,6 +278,10 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     args.dec_replace_rate = rates["dec_replace_rate"]
     args.decay_val = float(safe_getattr(args, "decay_val", None) or 0.0)
     return args
+
+
+def _or_default(value, default):
+    return default if value is None else value
 
 
 def _check_depths(args, stacks, conn, init_scaling):

@@ -10,6 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # test the working tree, not the copy installed in site-packages
     sys.path.insert(0, str(REPO))
 PLUGIN_DIR = REPO / "b2t_fairseq"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    import torch
+
+    torch.set_num_threads(1)
 BIN = Path(sys.executable).parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -34,13 +34,14 @@ from b2t_fairseq.fast_paths.int8 import CpuDecoding
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, ConnectedEncoderLoop, _wrap_layer
 from b2t_fairseq.models.transformer_b2t import mirror_architecture
 from b2t_fairseq.modules import ConnectedEncoderLayer, INIT_RULES, apply_init_scaling, get_connection, stack_shape
+from b2t_fairseq.modules.connections import METHOD_OPTIONS
 from b2t_fairseq.options import add_b2t_args, as_namespace, resolve_options
 from b2t_fairseq.safety.runs import IdentityChecked, describe_difference, identity
 
 logger = logging.getLogger(__name__)
 
 # what a pretrained encoder (--load-pretrained-encoder-from) must share with this one
-ENCODER_IDENTITY = ("connection", "admin_output_change", "resi_dual_alpha", "encoder_layers")
+ENCODER_IDENTITY = ("connection", *METHOD_OPTIONS, "encoder_layers")
 
 
 class B2TS2TTransformerEncoder(ConnectedEncoderLoop, fs.S2TTransformerEncoder):

@@ -10,7 +10,8 @@ Inside a layer:
                                               from layer to layer besides ``x`` (ResiDual's dual stream,
                                               RealFormer's attention scores), a dict it may update
     last_sublayer(..., carry, bottom)         the FFN; ``bottom`` is the raw input of the whole layer (B2T)
-    add_parameters(layer, names)              what the method adds to a layer (Admin's omega, ReZero's a, ...)
+    add_parameters(layer, names)              what the method adds to a layer (Admin's omega, ReZero's a, ...);
+                                              ``layer.layer_index`` (0-based, in its stack) is set by then
 
 Around the layers of one stack (encoder, decoder; the stacks call these for every method):
 
@@ -24,7 +25,7 @@ Around the layers of one stack (encoder, decoder; the stacks call these for ever
 
 Class attributes say what the stacks must build: ``final_norm`` (one layer norm on top of each stack, which
 fairseq keys off ``normalize_before``) and ``layer_norms`` (False: the layers have none at all); ``knobs`` are
-the method's own options with their defaults (other methods refuse them).
+the method's own options with their defaults (other methods refuse them; ``check_options`` checks their values).
 
 An object is made per stack (:class:`StackShape` gives its side and the depths N and M), so depth-dependent
 constants are computed once, in ``__init__``.
@@ -92,6 +93,19 @@ class Connection:
 
     def __init__(self, shape: StackShape):
         self.shape = shape
+        self._layers_attached = 0
+
+    @classmethod
+    def check_options(cls, value_of):
+        """What is wrong with the values of this method's knobs (``value_of(name)``), in one line; None if nothing."""
+        return None
+
+    def attach_layer(self, layer, names):
+        """Called by every layer of the stack as it is built, in order: the layer learns its index in the stack
+        (``layer.layer_index``, 0-based; Mix-LN, LNS and SiameseNorm depend on it), then gets what the method adds."""
+        layer.layer_index = self._layers_attached
+        self._layers_attached += 1
+        self.add_parameters(layer, names)
 
     def option(self, name):
         value = getattr(self.shape.options, name, None)
@@ -449,10 +463,76 @@ class SubLN(PreLN):
         return gamma
 
 
+# ------------------------------------------------------------------ the methods of 2024-2026 (METHODS.md, second table)
+class MixLN(PreLN):
+    """Mix-LN (Li, Yin, Liu; ICLR 2025): the first K = floor(alpha L) layers of a stack are Post-LN,
+    h = LN(x + F(x)), the others Pre-LN, h = x + F(LN(x)), with Pre-LN's final LN (alpha:
+    ``--mix-ln-post-fraction``, 0.25 as the reference's POST_NUM: 6 layers -> 1, 18 -> 4, 100 -> 25)."""
+
+    name = "mix-ln"
+    knobs = {"mix_ln_post_fraction": 0.25}
+
+    @classmethod
+    def check_options(cls, value_of):
+        fraction = float(value_of("mix_ln_post_fraction"))
+        if not 0.0 <= fraction <= 1.0:
+            return f"--mix-ln-post-fraction {fraction}: the fraction of Post-LN layers is in [0, 1] (default 0.25)"
+
+    def __init__(self, shape):
+        super().__init__(shape)
+        self.post_ln_layers = math.floor(float(self.option("mix_ln_post_fraction")) * shape.layers)
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        if layer.layer_index < self.post_ln_layers:
+            return norm(x + f(x))
+        return x + f(norm(x))
+
+
+class LNS(PreLN):
+    """LayerNorm Scaling (Sun et al., NeurIPS 2025, "The Curse of Depth"): Pre-LN with the layer norm's output
+    scaled by 1/sqrt(l) in layer l (1-based), for every sub-layer of that layer: h = x + F(LN(x) / sqrt(l)).
+    No scaled init (the authors drop it with LNS)."""
+
+    name = "lns"
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        return x + f(norm(x) * (layer.layer_index + 1) ** -0.5)
+
+
+class LayerScale(PreLN):
+    """LayerScale (CaiT, Touvron et al. 2021): h = x + lambda * F(LN(x)), lambda a learnable vector per sub-layer
+    (``<sublayer>_layerscale``) starting at eps: ``--layerscale-init``, or by the stack's depth L as in CaiT
+    (0.1 for L <= 18, 1e-5 for L <= 24, 1e-6 deeper)."""
+
+    name = "layerscale"
+    knobs = {"layerscale_init": 0.0}
+
+    @classmethod
+    def check_options(cls, value_of):
+        eps = float(value_of("layerscale_init"))
+        if eps < 0:
+            return f"--layerscale-init {eps}: lambda starts at a positive value (0, the default: by depth)"
+
+    @staticmethod
+    def epsilon(layers):
+        return 0.1 if layers <= 18 else 1e-5 if layers <= 24 else 1e-6
+
+    def add_parameters(self, layer, names):
+        eps = float(self.option("layerscale_init")) or self.epsilon(self.shape.layers)
+        for name in names:
+            setattr(layer, f"{name}_layerscale", nn.Parameter(torch.full((self.shape.embed_dim,), eps)))
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        return x + getattr(layer, f"{name}_layerscale") * f(norm(x))
+
+
 CONNECTIONS = {
     c.name: c
-    for c in (B2T, PostLN, PreLN, DeepNorm, Admin, TFixup, DLCL, RealFormer, ResiDual, PeriLN, ReZero, SubLN)
+    for c in (B2T, PostLN, PreLN, DeepNorm, Admin, TFixup, DLCL, RealFormer, ResiDual, PeriLN, ReZero, SubLN, MixLN,
+              LNS, LayerScale)
 }
+# every method's own options with their defaults: part of a run's identity, refused on the other methods
+METHOD_OPTIONS = {knob: default for c in CONNECTIONS.values() for knob, default in c.knobs.items()}
 # --init-scaling choices besides auto/none: the rules named after the method that owns them
 INIT_RULES = {"depth": B2T, "deepnorm": DeepNorm, "tfixup": TFixup, "subln": SubLN}
 

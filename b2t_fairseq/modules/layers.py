@@ -31,7 +31,7 @@ def _attach_method(layer, connection, names, fairseq_name):
     if not connection.layer_norms:
         for name in names:
             setattr(layer, NORM_OF[name], None)
-    connection.add_parameters(layer, names)
+    connection.attach_layer(layer, names)
 
 
 class ConnectedEncoderLayer(TransformerEncoderLayerBase):

@@ -23,6 +23,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+from b2t_fairseq.modules.connections import METHOD_OPTIONS
 from b2t_fairseq.safety.errors import B2TConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,10 @@ logger = logging.getLogger(__name__)
 # the model options that define a run; a checkpoint without one of them (a stock fairseq model) is compared on
 # what it has, with its connection read from fairseq's normalize_before
 IDENTITY = (
-    "connection", "init_scaling", "admin_output_change", "resi_dual_alpha", "sampling_method", "enc_replace_rate",
-    "dec_replace_rate", "encoder_layers", "decoder_layers",
+    "connection", "init_scaling", *METHOD_OPTIONS, "sampling_method", "enc_replace_rate", "dec_replace_rate",
+    "encoder_layers", "decoder_layers",
 )  # fmt: skip
+_FLOATS = ("enc_replace_rate", "dec_replace_rate", *(k for k, v in METHOD_OPTIONS.items() if isinstance(v, float)))
 # attribute of a loaded state["model"] dict: (path, the checkpoint's identity, the --model-overrides it was loaded with)
 _TAG = "_b2t_checkpoint"
 
@@ -46,7 +48,7 @@ def identity(cfg):
     if "connection" not in out and get("arch") is not None:  # a stock fairseq transformer
         before = get("decoder_normalize_before", get("encoder_normalize_before", False))
         out["connection"] = "pre-ln" if before else "post-ln"
-    for k in ("enc_replace_rate", "dec_replace_rate", "resi_dual_alpha"):
+    for k in _FLOATS:
         if k in out:
             out[k] = float(out[k])
     return out
