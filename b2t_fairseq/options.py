@@ -26,8 +26,9 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "the residual method of every layer: b2t (Post-LN plus a bottom-to-top residual, the default), "
             "post-ln (fairseq's --arch transformer), pre-ln (fairseq's --*-normalize-before), deepnorm (DeepNet), "
-            "admin, tfixup, dlcl, realformer, resi-dual, peri-ln, rezero, sub-ln, and of 2021-2025 mix-ln, lns "
-            "(LayerNorm Scaling), layerscale; formulas in README and b2t_fairseq/modules/connections.py"
+            "admin, tfixup, dlcl, realformer, resi-dual, peri-ln, rezero, sub-ln, and the newer mix-ln, lns "
+            "(LayerNorm Scaling), layerscale, siamese (SiameseNorm), hybridnorm; formulas in README and "
+            "b2t_fairseq/modules/connections.py"
         },
     )
     residual_bottom_to_top: bool = field(
@@ -69,6 +70,12 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "--connection layerscale only: the value every lambda starts at; 0 (the default): by the "
             "stack's depth L as CaiT, 0.1 for L <= 18, 1e-5 for L <= 24, 1e-6 deeper"
+        },
+    )
+    hybridnorm_first_pre: bool = field(
+        default=False,
+        metadata={
+            "help": "--connection hybridnorm only: HybridNorm*, whose first layer is Pre-LN (q/k/v norms kept)"
         },
     )
     sampling_method: ChoiceEnum(["none", "worddrop"]) = field(

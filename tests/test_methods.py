@@ -106,21 +106,25 @@ def ref_model(method, model, src, prev, n, m):
 
 
 def attention(mha, query, memory, key_padding_mask=None, attn_mask=None, previous=None, inner_norm=None,
-              fp32_softmax=False):
+              fp32_softmax=False, head_norms=False):
     """Multi-head attention recomputed from ``mha``'s projection weights. Returns the output and the raw
     scores Q K^T / sqrt(d_head) (+ ``previous``, RealFormer's) before masks; ``inner_norm`` (Sub-LN) acts on the
-    heads' concatenated output before out_proj. ``fp32_softmax``: as fairseq's unfused attention (cross-attention,
-    and self-attention where the method needs the unfused path), the softmax in float32."""
+    heads' concatenated output before out_proj; ``head_norms`` (HybridNorm): each projection's ``head_norm`` weight
+    and bias in a layer norm over each head's features. ``fp32_softmax``: as fairseq's unfused attention
+    (cross-attention, and self-attention where the method needs the unfused path), the softmax in float32."""
     t, b, c = query.shape
     h = mha.num_heads
     d = c // h
 
-    def heads(y):  # T x B x C -> B x H x T x d
-        return y.reshape(y.size(0), b, h, d).permute(1, 2, 0, 3)
+    def heads(y, proj):  # T x B x C -> B x H x T x d
+        y = F.linear(y, proj.weight, proj.bias).reshape(y.size(0), b, h, d)
+        if head_norms:
+            y = F.layer_norm(y, (d,), proj.head_norm.weight, proj.head_norm.bias, proj.head_norm.eps)
+        return y.permute(1, 2, 0, 3)
 
-    q = heads(F.linear(query, mha.q_proj.weight, mha.q_proj.bias)) * d**-0.5
-    k = heads(F.linear(memory, mha.k_proj.weight, mha.k_proj.bias))
-    v = heads(F.linear(memory, mha.v_proj.weight, mha.v_proj.bias))
+    q = heads(query, mha.q_proj) * d**-0.5
+    k = heads(memory, mha.k_proj)
+    v = heads(memory, mha.v_proj)
     scores = q @ k.transpose(-1, -2)
     if previous is not None:
         scores = scores + previous
@@ -137,12 +141,13 @@ def attention(mha, query, memory, key_padding_mask=None, attn_mask=None, previou
 def ref_sublayers(method, layer, pad=None, enc=None, enc_pad=None, causal=False):
     """A layer as (name, F(h, previous scores) -> (output, scores), its layer norm) per sub-layer."""
     sub_ln = method == "sub-ln"
-    unfused = method in ("realformer", "sub-ln")  # they need the scores / out_proj's input
+    unfused = method in ("realformer", "sub-ln", "hybridnorm")  # they need the scores / the projections' outputs
+    qkv_norms = method == "hybridnorm"
 
     def self_f(h, previous):
         mask = causal_mask(h.size(0)).to(h.dtype) if causal else None
         inner = layer.self_attn.out_proj.sub_layer_norm if sub_ln else None
-        return attention(layer.self_attn, h, h, pad, mask, previous, inner, fp32_softmax=unfused)
+        return attention(layer.self_attn, h, h, pad, mask, previous, inner, fp32_softmax=unfused, head_norms=qkv_norms)
 
     def ffn_f(h, previous):
         h = F.relu(F.linear(h, layer.fc1.weight, layer.fc1.bias))
@@ -153,7 +158,7 @@ def ref_sublayers(method, layer, pad=None, enc=None, enc_pad=None, causal=False)
     subs = [("self_attn", self_f, layer.self_attn_layer_norm)]
     if enc is not None:
         subs.append(("encoder_attn", lambda h, p: attention(layer.encoder_attn, h, enc, enc_pad, None, p,
-                     fp32_softmax=True), layer.encoder_attn_layer_norm))  # fmt: skip
+                     fp32_softmax=True, head_norms=qkv_norms), layer.encoder_attn_layer_norm))  # fmt: skip
     return subs + [("ffn", ffn_f, layer.final_layer_norm)]
 
 

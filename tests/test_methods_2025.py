@@ -1,5 +1,5 @@
-"""The methods of 2021-2025 that researchers compare against (METHODS.md, "Methods of 2024-2026"): Mix-LN,
-LayerNorm Scaling (LNS), LayerScale.
+"""The newer methods researchers compare against (METHODS.md, "Methods of 2024-2026"): Mix-LN, LayerNorm Scaling
+(LNS), LayerScale, SiameseNorm, HybridNorm (and HybridNorm*).
 
 Each model is checked against an independent float64 recomputation of METHODS.md's formula from the model's own
 submodules (attention recomputed from the projection weights), at several depths including ones where
@@ -16,15 +16,28 @@ from conftest import build_model
 from test_layers import batch, embed, randomize
 from test_methods import F64, assert_trains_at_18_layers, lm, nmt, ref_sublayers
 
-METHODS_2025 = ("mix-ln", "lns", "layerscale")
+METHODS_2025 = ("mix-ln", "lns", "layerscale", "siamese", "hybridnorm")
 
 
-def ref_stack_2025(method, stack, x, layers, post_fraction=0.25):
+def ref_stack_2025(method, stack, x, layers, post_fraction=0.25, first_pre=False):
     """METHODS.md's formula over one stack; ``layers`` holds each layer's module and its sub-layers."""
     post_ln_layers = math.floor(post_fraction * len(layers))
+    y = x  # SiameseNorm's pre-norm stream
     for index, (layer, subs) in enumerate(layers):
         for name, f, norm in subs:
-            if method == "mix-ln":
+            if method == "siamese":
+                x = getattr(layer, f"{name}_post_norm")(x)
+                z = f(norm(x + getattr(layer, f"{name}_pre_norm")(y)), None)[0]
+                x, y = x + z / math.sqrt(2 * (index + 1)), y + z
+            elif method == "hybridnorm" and first_pre and index == 0:
+                x = x + f(norm(x), None)[0]
+            elif method == "hybridnorm" and name == "ffn":
+                u = norm(x)
+                x = u + f(u, None)[0]
+            elif method == "hybridnorm":
+                assert norm is None  # no layer norm on an attention's input
+                x = x + f(x, None)[0]
+            elif method == "mix-ln":
                 x = norm(x + f(x, None)[0]) if index < post_ln_layers else x + f(norm(x), None)[0]
             elif method == "lns":
                 x = x + f(norm(x) / math.sqrt(index + 1), None)[0]
@@ -32,6 +45,8 @@ def ref_stack_2025(method, stack, x, layers, post_fraction=0.25):
                 x = x + getattr(layer, f"{name}_layerscale") * f(norm(x), None)[0]
             else:
                 raise AssertionError(method)
+    if method == "siamese":
+        return stack.layer_norm(stack.siamese_post_stream_norm(x) + stack.siamese_pre_stream_norm(y))
     return stack.layer_norm(x)
 
 
@@ -127,3 +142,29 @@ def test_knob_values_out_of_range_are_one_line(data_dir, argv, message):
 @pytest.mark.parametrize("method", METHODS_2025)
 def test_trains_at_18_layers(data_dir, method):
     assert_trains_at_18_layers(data_dir, method)
+
+
+def test_hybridnorm_star_has_a_pre_ln_first_layer(data_dir):
+    model, task, _ = build_model(data_dir, nmt("hybridnorm", 3, 2, extra=["--hybridnorm-first-pre"]))
+    _double(model)
+    for stack in (model.encoder, model.decoder):
+        norms = [layer.self_attn_layer_norm is not None for layer in stack.layers]
+        assert norms == [True] + [False] * (len(norms) - 1)  # the attention's input LN exists in layer 1 only
+    src, lengths, prev = batch(task.source_dictionary)
+    with torch.no_grad():
+        logits = model(src, lengths, prev)[0]
+    torch.testing.assert_close(logits, ref_model_2025("hybridnorm", model, src, prev, first_pre=True), **F64)
+
+
+def test_added_parameters_are_named_as_documented(data_dir):
+    model, _, _ = build_model(data_dir, nmt("siamese", 2, 1) + ["--share-all-embeddings"])
+    names = {n for n, _ in model.named_parameters()}
+    for stack in ("encoder", "decoder"):
+        assert {f"{stack}.siamese_post_stream_norm.weight", f"{stack}.siamese_pre_stream_norm.bias"} <= names
+    assert {"decoder.layers.0.encoder_attn_post_norm.weight", "encoder.layers.1.ffn_pre_norm.bias"} <= names
+    model, _, _ = build_model(data_dir, nmt("hybridnorm", 2, 1))
+    names = {n for n, p in model.named_parameters()}
+    for attention, d_head in (("encoder.layers.0.self_attn", 8), ("decoder.layers.0.encoder_attn", 4)):  # 16 / heads
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert model.get_parameter(f"{attention}.{proj}.head_norm.weight").shape == (d_head,)
+    assert not [n for n in names if "self_attn_layer_norm" in n or "encoder_attn_layer_norm" in n]

@@ -526,10 +526,94 @@ class LayerScale(PreLN):
         return x + getattr(layer, f"{name}_layerscale") * f(norm(x))
 
 
+class SiameseNorm(Connection):
+    """SiameseNorm (Li et al., ICML 2026): two streams from the embeddings, x (post-norm) and y (pre-norm). Each
+    sub-layer of layer l (1-based): x <- LN_post(x); z = F(LN_in(x + LN_pre(y))); x <- x + z / c; y <- y + z, with
+    c = sqrt(2 l). LN_in is fairseq's layer norm of the sub-layer; LN_post, LN_pre are added
+    (``<sublayer>_post_norm``, ``<sublayer>_pre_norm``). The stack's output is LN_f(LN_a(x) + LN_b(y)): LN_f its
+    final LN, LN_a, LN_b added (``siamese_post_stream_norm``, ``siamese_pre_stream_norm``). y travels in the carry."""
+
+    name = "siamese"
+    final_norm = True
+
+    def add_parameters(self, layer, names):
+        from fairseq.modules import LayerNorm
+
+        for name in names:
+            setattr(layer, f"{name}_post_norm", LayerNorm(self.shape.embed_dim))
+            setattr(layer, f"{name}_pre_norm", LayerNorm(self.shape.embed_dim))
+
+    def attach_stack(self, stack):
+        from fairseq.modules import LayerNorm
+
+        stack.siamese_post_stream_norm = LayerNorm(self.shape.embed_dim)
+        stack.siamese_pre_stream_norm = LayerNorm(self.shape.embed_dim)
+
+    def begin(self, stack, x):
+        return x, {"siamese_pre_stream": x}
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        y = carry["siamese_pre_stream"]
+        x = getattr(layer, f"{name}_post_norm")(x)
+        z = f(norm(x + getattr(layer, f"{name}_pre_norm")(y)))
+        carry["siamese_pre_stream"] = y + z
+        return x + z * (2 * (layer.layer_index + 1)) ** -0.5
+
+    def end(self, stack, x, carry):
+        y = carry["siamese_pre_stream"]
+        return stack.layer_norm(stack.siamese_post_stream_norm(x) + stack.siamese_pre_stream_norm(y))
+
+
+class HeadNormedLinear(nn.Linear):
+    """A query, key or value projection whose output is normalised per attention head (``head_norm``, over the
+    d_head features of each head): HybridNorm's q/k/v norms, as a property of fairseq's attention module."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return self.head_norm(y.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
+
+class HybridNorm(Connection):
+    """HybridNorm (Zhuo et al. 2025): attention sub-layers x + Attn(x) with no layer norm on their input but Q, K
+    and V normalised per head after their projections (``<attention>.{q,k,v}_proj.head_norm``, size d_head; in the
+    decoder's cross-attention the queries are the decoder's, keys and values the encoder's); the FFN
+    u = LN(x); u + FFN(u) (its residual from the normalised stream); final LN. ``--hybridnorm-first-pre``:
+    HybridNorm*, whose first layer is Pre-LN throughout (x + F(LN(x))), q/k/v norms kept."""
+
+    name = "hybridnorm"
+    final_norm = True
+    knobs = {"hybridnorm_first_pre": False}
+
+    def _pre_ln(self, layer):
+        return layer.layer_index == 0 and bool(self.option("hybridnorm_first_pre"))
+
+    def add_parameters(self, layer, names):
+        from fairseq.modules import LayerNorm
+
+        for name in names:
+            if name == "ffn":
+                continue
+            if not self._pre_ln(layer):
+                setattr(layer, NORM_OF[name], None)  # no LN on the attention's input: none left unused
+            attention = getattr(layer, name)
+            attention._set_skip_embed_dim_check()  # the fused path would skip the projections' forward
+            for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+                _extend(projection, HeadNormedLinear).head_dim = attention.head_dim
+                projection.head_norm = LayerNorm(attention.head_dim)
+
+    def sublayer(self, layer, name, x, f, norm, carry):
+        if self._pre_ln(layer):
+            return x + f(norm(x))
+        if name == "ffn":
+            u = norm(x)
+            return u + f(u)
+        return x + f(x)
+
+
 CONNECTIONS = {
     c.name: c
     for c in (B2T, PostLN, PreLN, DeepNorm, Admin, TFixup, DLCL, RealFormer, ResiDual, PeriLN, ReZero, SubLN, MixLN,
-              LNS, LayerScale)
+              LNS, LayerScale, SiameseNorm, HybridNorm)
 }
 # every method's own options with their defaults: part of a run's identity, refused on the other methods
 METHOD_OPTIONS = {knob: default for c in CONNECTIONS.values() for knob, default in c.knobs.items()}

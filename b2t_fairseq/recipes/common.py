@@ -23,11 +23,11 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 # table order: the baselines, the other deep-Transformer methods (the order of the B2T paper's comparison, then
 # the newer ones), B2T last
 METHODS = ("post-ln", "pre-ln", "dlcl", "admin", "tfixup", "realformer", "deepnorm", "resi-dual", "rezero", "sub-ln",
-           "peri-ln", "layerscale", "mix-ln", "lns", "b2t")  # fmt: skip
+           "peri-ln", "layerscale", "mix-ln", "lns", "hybridnorm", "siamese", "b2t")  # fmt: skip
 METHOD_NAMES = {"post-ln": "Post-LN", "pre-ln": "Pre-LN", "dlcl": "DLCL", "admin": "Admin", "tfixup": "T-Fixup",
                 "realformer": "RealFormer", "deepnorm": "DeepNet", "resi-dual": "ResiDual", "rezero": "ReZero",
                 "sub-ln": "Sub-LN", "peri-ln": "Peri-LN", "layerscale": "LayerScale", "mix-ln": "Mix-LN",
-                "lns": "LNS", "b2t": "B2T"}  # fmt: skip
+                "lns": "LNS", "hybridnorm": "HybridNorm", "siamese": "SiameseNorm", "b2t": "B2T"}  # fmt: skip
 RECIPE_FILE = "recipe.json"  # written by `train` into the save dir, so `evaluate` knows which row it scores
 # Set by a recipe itself; changing them through `-- extra` would break the identical-settings or token-budget
 # guarantees, so they are refused there with the option to use instead.
