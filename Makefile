@@ -20,7 +20,10 @@ DEPS   := cffi hydra-core==1.3.2 omegaconf==2.3.0 regex tqdm bitarray scikit-lea
 # Test-only numerical reference for --connection deepnorm and sub-ln, without its dependencies: it requires
 # timm (which pulls torchvision and with it another torch) and fairscale, used only for drop path, activation
 # checkpointing and FSDP, none of which the compared layers use (tests/test_methods.py stands in for them).
-TEST_NODEPS := torchscale==0.3.0
+# x-transformers: test-only reference for --norm-type dyt and derf (DynamicTanh, Derf), without its dependencies'
+# own dependencies; what it imports is listed (none of them requires torch).
+TEST_NODEPS := torchscale==0.3.0 x-transformers==2.31.10 einops==0.8.2 einx==0.4.3 frozendict==2.5.1 loguru==0.7.3 \
+          torch-einops-utils==0.2.0
 
 DATA ?=
 SRC  ?=

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.modules.connections import CONNECTIONS, INIT_RULES, get_connection
+from b2t_fairseq.modules.norms import NORM_TYPES
 
 # NormFormer options of fairseq's layers that rewire the residual path in ways our layers do not.
 _UNSUPPORTED = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
@@ -77,6 +78,18 @@ class B2TOptions(FairseqDataclass):
         metadata={
             "help": "--connection hybridnorm only: HybridNorm*, whose first layer is Pre-LN (q/k/v norms kept)"
         },
+    )
+    norm_type: ChoiceEnum(list(NORM_TYPES)) = field(
+        default="layernorm",
+        metadata={
+            "help": "the type of every norm the model builds (sub-layers', final, embedding, each method's own), "
+            "orthogonal to --connection: layernorm (fairseq's, the default), rmsnorm, dyt (Dynamic Tanh), derf "
+            "(Dynamic erf); b2t_fairseq/modules/norms.py"
+        },
+    )
+    dyt_alpha_init: float = field(
+        default=0.5,
+        metadata={"help": "--norm-type dyt or derf only: the initial value of each norm's alpha (0.5, the default)"},
     )
     sampling_method: ChoiceEnum(["none", "worddrop"]) = field(
         default="none",
@@ -231,6 +244,7 @@ def resolve_options(args, stacks=("encoder", "decoder")):
                 raise B2TConfigError(f"{flag} {value}: must be a finite number (the default is {default})")
             if value is not None and value != default and method is not conn:
                 raise B2TConfigError(f"{flag} only applies to --connection {method.name}, not {connection}; drop it")
+    _check_norm_type(args, conn)
     problem = conn.check_options(lambda knob: _or_default(safe_getattr(args, knob, None), conn.knobs[knob]))
     if problem:
         raise B2TConfigError(problem)
@@ -285,6 +299,24 @@ def resolve_options(args, stacks=("encoder", "decoder")):
     args.dec_replace_rate = rates["dec_replace_rate"]
     args.decay_val = float(safe_getattr(args, "decay_val", None) or 0.0)
     return args
+
+
+def _check_norm_type(args, conn):
+    norm_type = safe_getattr(args, "norm_type", None) or "layernorm"
+    if norm_type not in NORM_TYPES:
+        raise B2TConfigError(f"unknown --norm-type {norm_type!r}; choose one of {', '.join(NORM_TYPES)}")
+    if norm_type != "layernorm" and not conn.layer_norms:
+        raise B2TConfigError(
+            f"--norm-type {norm_type}: --connection {conn.name} is defined without any norm, so there is none to "
+            "make of that type; drop --norm-type"
+        )
+    alpha = safe_getattr(args, "dyt_alpha_init", None)
+    if alpha is not None and not math.isfinite(float(alpha)):
+        raise B2TConfigError(f"--dyt-alpha-init {alpha}: must be a finite number (the default is 0.5)")
+    if alpha is not None and float(alpha) != 0.5 and norm_type not in ("dyt", "derf"):
+        raise B2TConfigError(f"--dyt-alpha-init only applies to --norm-type dyt or derf, not {norm_type}; drop it")
+    args.norm_type = norm_type
+    args.dyt_alpha_init = 0.5 if alpha is None else float(alpha)
 
 
 def _or_default(value, default):

@@ -494,9 +494,10 @@ def test_incremental_decoding_matches_teacher_forcing(data_dir, method):
     assert_incremental_equals_full(model, task)
 
 
-def assert_trains_at_18_layers(data_dir, method, lr=1e-3):
-    """18L-18L at width 16: 40 Adam steps on one batch, losses finite and falling."""
-    model, task, _ = build_model(data_dir, nmt(method, 18, extra=NO_DROPOUT), seed=1)
+def assert_trains_at_18_layers(data_dir, method, lr=1e-3, extra=(), falls_to=0.7):
+    """18L-18L at width 16: 40 Adam steps on one batch, losses finite and falling (the last below ``falls_to`` times
+    the first)."""
+    model, task, _ = build_model(data_dir, nmt(method, 18, extra=[*NO_DROPOUT, *extra]), seed=1)
     src, lengths, prev = batch(task.source_dictionary, bsz=4, tgt_len=6)
     target = prev.roll(-1, dims=1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -510,7 +511,7 @@ def assert_trains_at_18_layers(data_dir, method, lr=1e-3):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.7 * losses[0], losses[::8]
+    assert losses[-1] < falls_to * losses[0], losses[::8]
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)

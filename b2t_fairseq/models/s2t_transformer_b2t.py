@@ -41,7 +41,7 @@ from b2t_fairseq.safety.runs import IdentityChecked, describe_difference, identi
 logger = logging.getLogger(__name__)
 
 # what a pretrained encoder (--load-pretrained-encoder-from) must share with this one
-ENCODER_IDENTITY = ("connection", *METHOD_OPTIONS, "encoder_layers")
+ENCODER_IDENTITY = ("connection", *METHOD_OPTIONS, "norm_type", "dyt_alpha_init", "encoder_layers")
 
 
 class B2TS2TTransformerEncoder(ConnectedEncoderLoop, fs.S2TTransformerEncoder):
@@ -64,7 +64,7 @@ class B2TS2TTransformerEncoder(ConnectedEncoderLoop, fs.S2TTransformerEncoder):
         )
         if safe_getattr(args, "ctc_weight", 0.0) > 0.0:
             self.ctc_proj = nn.Linear(args.encoder_embed_dim, args.tgt_dict_size)
-        self.connection.attach_stack(self)
+        self.connection.build_stack(self)
         self._setup_layer_calls(cfg)
         # fairseq's names, which --retain-dropout-modules (Monte-Carlo dropout) selects modules by
         self.dropout_module.module_name = "S2TTransformerEncoder"

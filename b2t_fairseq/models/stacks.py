@@ -110,7 +110,7 @@ class B2TTransformerEncoder(ConnectedEncoderLoop, TransformerEncoderBase):
         # set before fairseq's __init__, which builds the layers
         self.connection = get_connection(cfg.connection)(stack_shape(cfg, "encoder"))
         super().__init__(cfg, dictionary, embed_tokens)
-        self.connection.attach_stack(self)
+        self.connection.build_stack(self)
         self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "enc")
         # fairseq's name, which --retain-dropout-modules (Monte-Carlo dropout) selects modules by
@@ -162,7 +162,7 @@ class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
-        self.connection.attach_stack(self)
+        self.connection.build_stack(self)
         self._setup_layer_calls(cfg)
         self.word_dropout_p = word_dropout_rate(cfg, "dec")
         self.dropout_module.module_name = "TransformerDecoder"  # fairseq's, for --retain-dropout-modules

@@ -15,7 +15,8 @@ Inside a layer:
 
 Around the layers of one stack (encoder, decoder; the stacks call these for every method):
 
-    attach_stack(stack)                       parameters of the whole stack (DLCL's weights)
+    attach_stack(stack)                       parameters of the whole stack (DLCL's weights); every norm a method
+                                              builds comes from ``self.norm(dim)`` (the model's --norm-type)
     begin(stack, x) -> (x, carry)             after the embeddings; the first carry
     layer_input(stack, i, x, carry) -> x      the input of layer i (DLCL combines the earlier outputs)
     layer_output(stack, i, x, carry) -> carry after layer i
@@ -37,6 +38,8 @@ from typing import Optional
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import nn
+
+from b2t_fairseq.modules.norms import adopt_norm_type, norm_factory
 
 SUBLAYERS = ("self_attn", "encoder_attn", "ffn")
 # the layer-norm attribute of each sub-layer in fairseq's layers
@@ -94,6 +97,7 @@ class Connection:
     def __init__(self, shape: StackShape):
         self.shape = shape
         self._layers_attached = 0
+        self.norm = norm_factory(shape.options)  # every norm the method adds: of the model's --norm-type
 
     @classmethod
     def check_options(cls, value_of):
@@ -116,6 +120,12 @@ class Connection:
 
     def attach_stack(self, stack):
         pass
+
+    def build_stack(self, stack):
+        """Called by each stack once fairseq has built it: its own norms (final, embedding) become the model's
+        ``--norm-type``, then the method adds what it needs (``attach_stack``)."""
+        adopt_norm_type(stack, self.shape.options)
+        self.attach_stack(stack)
 
     def begin(self, stack, x):
         return x, {}
@@ -302,10 +312,8 @@ class PeriLN(Connection):
     final_norm = True
 
     def add_parameters(self, layer, names):
-        from fairseq.modules import LayerNorm
-
         for name in names:
-            setattr(layer, f"{name}_out_layer_norm", LayerNorm(self.shape.embed_dim))
+            setattr(layer, f"{name}_out_layer_norm", self.norm(self.shape.embed_dim))
 
     def sublayer(self, layer, name, x, f, norm, carry):
         return x + getattr(layer, f"{name}_out_layer_norm")(f(norm(x)))
@@ -330,12 +338,10 @@ class DLCL(PreLN):
     layerdrop = False
 
     def attach_stack(self, stack):
-        from fairseq.modules import LayerNorm
-
         n = self.shape.layers
         weights = torch.ones(n + 1, n + 1).tril()
         stack.dlcl_weights = nn.Parameter(weights / weights.sum(1, keepdim=True))
-        stack.dlcl_layer_norms = nn.ModuleList(LayerNorm(self.shape.embed_dim) for _ in range(n))
+        stack.dlcl_layer_norms = nn.ModuleList(self.norm(self.shape.embed_dim) for _ in range(n))
 
     @staticmethod
     def combine(stack, row, history):
@@ -436,11 +442,9 @@ class SubLN(PreLN):
     SCALED = ("self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 
     def add_parameters(self, layer, names):
-        from fairseq.modules import LayerNorm
-
         layer.self_attn._set_skip_embed_dim_check()  # the fused path would skip out_proj's forward
         for linear in (layer.self_attn.out_proj, layer.fc2):
-            _extend(linear, InputNormedLinear).sub_layer_norm = LayerNorm(linear.in_features)
+            _extend(linear, InputNormedLinear).sub_layer_norm = self.norm(linear.in_features)
 
     @staticmethod
     def gamma(shape):
@@ -537,17 +541,13 @@ class SiameseNorm(Connection):
     final_norm = True
 
     def add_parameters(self, layer, names):
-        from fairseq.modules import LayerNorm
-
         for name in names:
-            setattr(layer, f"{name}_post_norm", LayerNorm(self.shape.embed_dim))
-            setattr(layer, f"{name}_pre_norm", LayerNorm(self.shape.embed_dim))
+            setattr(layer, f"{name}_post_norm", self.norm(self.shape.embed_dim))
+            setattr(layer, f"{name}_pre_norm", self.norm(self.shape.embed_dim))
 
     def attach_stack(self, stack):
-        from fairseq.modules import LayerNorm
-
-        stack.siamese_post_stream_norm = LayerNorm(self.shape.embed_dim)
-        stack.siamese_pre_stream_norm = LayerNorm(self.shape.embed_dim)
+        stack.siamese_post_stream_norm = self.norm(self.shape.embed_dim)
+        stack.siamese_pre_stream_norm = self.norm(self.shape.embed_dim)
 
     def begin(self, stack, x):
         return x, {"siamese_pre_stream": x}
@@ -588,8 +588,6 @@ class HybridNorm(Connection):
         return layer.layer_index == 0 and bool(self.option("hybridnorm_first_pre"))
 
     def add_parameters(self, layer, names):
-        from fairseq.modules import LayerNorm
-
         for name in names:
             if name == "ffn":
                 continue
@@ -599,7 +597,7 @@ class HybridNorm(Connection):
             attention._set_skip_embed_dim_check()  # the fused path would skip the projections' forward
             for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
                 _extend(projection, HeadNormedLinear).head_dim = attention.head_dim
-                projection.head_norm = LayerNorm(attention.head_dim)
+                projection.head_norm = self.norm(attention.head_dim)
 
     def sublayer(self, layer, name, x, f, norm, carry):
         if self._pre_ln(layer):

@@ -13,6 +13,7 @@ from torch import Tensor
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from b2t_fairseq.modules.connections import NORM_OF, SUBLAYERS
+from b2t_fairseq.modules.norms import adopt_norm_type
 
 # NormFormer-style extras of fairseq's decoder layer that change the residual path; we do not wire them.
 _UNSUPPORTED_DECODER_EXTRAS = {
@@ -24,9 +25,10 @@ _UNSUPPORTED_DECODER_EXTRAS = {
 
 
 def _attach_method(layer, connection, names, fairseq_name):
-    """Give ``layer`` what its method adds (parameters) and takes away (layer norms), and fairseq's class name
-    to its dropout modules (what --retain-dropout-modules selects them by)."""
+    """Give ``layer`` norms of the model's ``--norm-type``, what its method adds (parameters) and takes away (layer
+    norms), and fairseq's class name to its dropout modules (what --retain-dropout-modules selects them by)."""
     layer.connection = connection
+    adopt_norm_type(layer, connection.shape.options)
     layer.dropout_module.module_name = layer.activation_dropout_module.module_name = fairseq_name
     if not connection.layer_norms:
         for name in names:

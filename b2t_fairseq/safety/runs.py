@@ -31,10 +31,11 @@ logger = logging.getLogger(__name__)
 # the model options that define a run; a checkpoint without one of them (a stock fairseq model) is compared on
 # what it has, with its connection read from fairseq's normalize_before
 IDENTITY = (
-    "connection", "init_scaling", *METHOD_OPTIONS, "sampling_method", "enc_replace_rate", "dec_replace_rate",
-    "encoder_layers", "decoder_layers",
+    "connection", "init_scaling", *METHOD_OPTIONS, "norm_type", "dyt_alpha_init", "sampling_method",
+    "enc_replace_rate", "dec_replace_rate", "encoder_layers", "decoder_layers",
 )  # fmt: skip
-_FLOATS = ("enc_replace_rate", "dec_replace_rate", *(k for k, v in METHOD_OPTIONS.items() if isinstance(v, float)))
+_FLOATS = ("enc_replace_rate", "dec_replace_rate", "dyt_alpha_init",
+           *(k for k, v in METHOD_OPTIONS.items() if isinstance(v, float)))  # fmt: skip
 # attribute of a loaded state["model"] dict: (path, the checkpoint's identity, the --model-overrides it was loaded with)
 _TAG = "_b2t_checkpoint"
 
