@@ -554,37 +554,34 @@ def _resume_batches_as_built(original):
     return get_train_iterator
 
 
+def _wrap_once(owner, name, wrapper):
+    """``owner.name = wrapper(owner.name)``, unless it is wrapped already (the plugin may be imported twice)."""
+    if not hasattr(getattr(owner, name), "__wrapped__"):
+        setattr(owner, name, wrapper(getattr(owner, name)))
+
+
 def install():
     """Wrap fairseq's checkpoint loading and copying, the trainer's start and its training batches of a
     resumed run (idempotent)."""
+    import fairseq.models
     from fairseq import checkpoint_utils
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.trainer import Trainer
 
-    if not hasattr(Trainer.__init__, "__wrapped__"):
-        Trainer.__init__ = _checked_trainer_init(Trainer.__init__)
-    if not hasattr(distributed_utils.call_main, "__wrapped__"):
-        distributed_utils.call_main = _bf16_on_cuda(distributed_utils.call_main)
-    if not hasattr(Trainer.get_train_iterator, "__wrapped__"):
-        Trainer.get_train_iterator = _resume_batches_as_built(Trainer.get_train_iterator)
-
-    if not hasattr(checkpoint_utils.load_checkpoint, "__wrapped__"):
-        checkpoint_utils.load_checkpoint = _owned_save_dir(checkpoint_utils.load_checkpoint)
-    if not hasattr(Trainer.state_dict, "__wrapped__"):
-        Trainer.state_dict = _recording_the_run(Trainer.state_dict)
-    if not hasattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__"):
-        checkpoint_utils.load_checkpoint_to_cpu = _guarded_loader(checkpoint_utils.load_checkpoint_to_cpu)
-    import fairseq.models
-
-    if not hasattr(fairseq.models.build_model, "__wrapped__"):
-        fairseq.models.build_model = _checked_model_values(fairseq.models.build_model)
-    if not hasattr(checkpoint_utils.prune_state_dict, "__wrapped__"):
-        checkpoint_utils.prune_state_dict = _prune_only_what_is_named(checkpoint_utils.prune_state_dict)
-    if not hasattr(checkpoint_utils.torch_persistent_save, "__wrapped__"):
-        checkpoint_utils.torch_persistent_save = _whole_or_no_save(checkpoint_utils.torch_persistent_save)
-    if not hasattr(PathManager.copy, "__wrapped__"):
-        PathManager.copy = staticmethod(_atomic_copy(PathManager.copy))
+    for owner, name, wrapper in (
+        (Trainer, "__init__", _checked_trainer_init),
+        (distributed_utils, "call_main", _bf16_on_cuda),
+        (Trainer, "get_train_iterator", _resume_batches_as_built),
+        (checkpoint_utils, "load_checkpoint", _owned_save_dir),
+        (Trainer, "state_dict", _recording_the_run),
+        (checkpoint_utils, "load_checkpoint_to_cpu", _guarded_loader),
+        (fairseq.models, "build_model", _checked_model_values),
+        (checkpoint_utils, "prune_state_dict", _prune_only_what_is_named),
+        (checkpoint_utils, "torch_persistent_save", _whole_or_no_save),
+        (PathManager, "copy", lambda copy: staticmethod(_atomic_copy(copy))),
+    ):
+        _wrap_once(owner, name, wrapper)
 
 
 class IdentityChecked:
