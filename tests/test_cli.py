@@ -84,8 +84,8 @@ def _free_port():
 
 
 # fairseq's legacy DDP: its pytorch_ddp passes device_ids, which PyTorch refuses for CPU modules. DLCL: weights of
-# the whole stack, outside the layers
-@pytest.mark.parametrize("connection", ["b2t", "dlcl"])
+# the whole stack, outside the layers; SiameseNorm: those and a second stream carried between layers
+@pytest.mark.parametrize("connection", ["b2t", "dlcl", "siamese"])
 def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path, connection):
     common = [
         toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--arch", "transformer_b2t", *TINY_MODEL, *TINY_OPTIM,
@@ -114,10 +114,11 @@ def test_two_process_gloo_training_matches_update_freq_2(toy_corpus, tmp_path, c
         assert distributed[epoch] == pytest.approx(single[epoch], abs=1e-3)
 
 
-@pytest.mark.parametrize("connection", ["dlcl", "sub-ln"])
+@pytest.mark.parametrize("connection", ["dlcl", "sub-ln", "hybridnorm"])
 def test_new_parameters_survive_save_resume_average_and_generate(toy_corpus, tmp_path, connection):
     """The methods whose parameters fairseq's transformer lacks (DLCL's stack weights, Sub-LN's norms inside
-    Linear layers): train, resume, average two epoch checkpoints, decode."""
+    Linear layers, HybridNorm's inside the attention's projections): train, resume, average two epoch checkpoints,
+    decode."""
     import torch
 
     from b2t_fairseq.compat.checkpoints import load_checkpoint
@@ -131,7 +132,8 @@ def test_new_parameters_survive_save_resume_average_and_generate(toy_corpus, tmp
         "--output", tmp_path / "avg.pt")  # fmt: skip
     states = [load_checkpoint(tmp_path / name)["model"]
               for name in ("ckpt/checkpoint2.pt", "ckpt/checkpoint3.pt", "avg.pt")]  # fmt: skip
-    key = "encoder.dlcl_weights" if connection == "dlcl" else "encoder.layers.0.fc2.sub_layer_norm.weight"
+    key = {"dlcl": "encoder.dlcl_weights", "sub-ln": "encoder.layers.0.fc2.sub_layer_norm.weight",
+           "hybridnorm": "decoder.layers.1.encoder_attn.k_proj.head_norm.weight"}[connection]
     assert not torch.equal(states[0][key], states[1][key]), "the method's parameter must have trained"
     torch.testing.assert_close(states[2][key], (states[0][key] + states[1][key]) / 2)
     gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path", tmp_path / "avg.pt",

@@ -22,8 +22,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-# b2t: the method's closures; dlcl: stack weights and the carry passed from layer to layer
-@pytest.mark.parametrize("connection", ["b2t", "dlcl"])
+# b2t: the method's closures; dlcl: stack weights and the carry passed from layer to layer; siamese: a second
+# stream in the carry and the layer's index; hybridnorm: norms inside the attention's projections
+@pytest.mark.parametrize("connection", ["b2t", "dlcl", "siamese", "hybridnorm"])
 def test_compiled_layers_train_and_decode_as_eager(data_dir, connection):
     from torch._dynamo.utils import counters
 

@@ -168,3 +168,20 @@ def test_added_parameters_are_named_as_documented(data_dir):
         for proj in ("q_proj", "k_proj", "v_proj"):
             assert model.get_parameter(f"{attention}.{proj}.head_norm.weight").shape == (d_head,)
     assert not [n for n in names if "self_attn_layer_norm" in n or "encoder_attn_layer_norm" in n]
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+def test_every_parameter_of_every_method_gets_a_gradient(data_dir, norm_type):
+    """None is left unused (DDP on GPUs refuses unused parameters unless told to look for them), for every method
+    with the norm types it accepts."""
+    from b2t_fairseq.modules import CONNECTIONS
+
+    for method, connection in CONNECTIONS.items():
+        if norm_type != "layernorm" and not connection.layer_norms:
+            continue
+        model, task, _ = build_model(data_dir, nmt(method, 2, extra=["--norm-type", norm_type]))
+        src, lengths, prev = batch(task.source_dictionary)
+        model.train()
+        model(src, lengths, prev)[0].square().mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, (method, missing)

@@ -122,6 +122,26 @@ def test_the_parsed_command_is_valid_for_fairseq(data_dir):
     assert args.connection == "b2t" and args.update_freq == [16] and args.stop_min_lr == 1e-9
 
 
+def test_a_norm_type_is_one_flag_after_the_row_and_its_own_row_in_the_table(data_dir, tmp_path, capsys):
+    """`train ... -- --norm-type rmsnorm`: the same row's command with the norm type, which fairseq's parser hands
+    the model, and a table row of its own beside the layer-norm one."""
+    from conftest import parse_args
+
+    cmd, info = build_train_command("b2t", 18, 8, data_dir, "ckpt", extra=["--norm-type", "rmsnorm"])
+    plain, _ = build_train_command("b2t", 18, 8, data_dir, "ckpt")
+    assert cmd == plain + ["--norm-type", "rmsnorm"] and info["extra"] == ["--norm-type", "rmsnorm"]
+    args = parse_args(data_dir, [a for a in cmd[2:] if a != "--fp16"] + ["--cpu"])
+    assert (args.norm_type, args.connection) == ("rmsnorm", "b2t")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "ln.json").write_text(json.dumps(_result("b2t", 18, {2014: 27.0})))
+    (results / "rms.json").write_text(json.dumps(_result("b2t", 18, {2014: 26.0}, variant="--norm-type rmsnorm")))
+    assert main(["table", "--results", str(results)]) == 0
+    table = capsys.readouterr().out
+    assert _row(table, "B2T", "18L-18L", "ours")[7] == "27.00"
+    assert _row(table, "B2T", "18L-18L", "ours (--norm-type rmsnorm)")[7] == "26.00"
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "argv, message",
