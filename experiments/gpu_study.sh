@@ -13,6 +13,9 @@
 set -uo pipefail
 work=${1:-study-out}
 minutes=${2:-5}
+# third argument: which methods (default every --connection); e.g. the issue-21 methods beside the baselines:
+#   bash experiments/gpu_study.sh study-out 5 "post-ln pre-ln b2t mix-ln lns layerscale siamese hybridnorm"
+read -r -a methods <<< "${3:-}"
 out=$(realpath -m "${OUT:-gpu-study-out}")
 mkdir -p "$out"
 {
@@ -24,6 +27,7 @@ mkdir -p "$out"
 cat "$out/machine.txt"
 stop=$(( (minutes + 3) * 60 ))
 study=(python3 experiments/stability_study.py --work "$work" --gpu --deadline-minutes "$minutes")
+[ ${#methods[@]} -gt 0 ] && study+=(--methods "${methods[@]}")
 timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 6 > "$out/train.log" 2>&1 &
 timeout "$stop" "${study[@]}" --stages deep100 --jobs 4 > "$out/deep100.log" 2>&1 &
 wait
