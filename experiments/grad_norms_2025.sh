@@ -42,6 +42,7 @@ for r in grad_ratio_table(produced):
     mean = "no gradient at the top" if r["ratio_mean"] is None else f"{r['ratio_mean']:.3g}"
     spread = "" if r["ratio_mean"] is None else f"{r['ratio_min']:.3g}–{r['ratio_max']:.3g}"
     lines.append(f"| {r['setting']} | {r['connection']} | {r['stack']} | {mean} | {spread} |")
-(out / "ratios.md").write_text("\n".join(lines) + "\n")
+from b2t_fairseq.safety import atomic
+atomic.write_text(out / "ratios.md", "\n".join(lines) + "\n")  # whole or absent
 print("\n".join(lines))
 PY

@@ -187,3 +187,11 @@ def test_prepared_post_ln_equals_fairseqs_stock_transformer(data_dir):
         model.prepare_for_inference_(_inference_cfg())
     assert type(stock.decoder.layers[0].fc1) is nn.Linear  # fairseq's model is left alone
     _assert_decodes_alike(ours, stock, tk)
+
+
+@pytest.mark.parametrize("connection, norm_type", [("b2t", "rmsnorm"), ("hybridnorm", "dyt"), ("siamese", "derf")])
+def test_prepared_model_decodes_as_the_reference_path_with_a_norm_type(data_dir, connection, norm_type):
+    argv = ["--arch", "transformer_b2t", "--connection", connection, "--norm-type", norm_type, "--encoder-layers", "3",
+            "--decoder-layers", "3", *DIMS]  # fmt: skip
+    fast, reference, tk = _twins(data_dir, argv)
+    _assert_decodes_alike(fast, reference, tk)

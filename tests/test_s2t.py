@@ -421,3 +421,15 @@ def test_int8_decoding_quantizes_the_speech_encoder_layers(s2t_dir):
     assert "encoder.transformer_layers.0.self_attn.q_proj" not in quantized
     assert "encoder.subsample.conv_layers.0" not in quantized
     assert (after - before).abs().max() < 0.1 * before.abs().max()
+
+
+def test_a_norm_type_reaches_every_norm_of_the_speech_model(s2t_dir):
+    """--norm-type rmsnorm: the speech encoder's layers and final norm, and the decoder's, are RMSNorm."""
+    from torch import nn
+
+    from b2t_fairseq.modules.norms import RMSNorm
+
+    model, _, _ = build(s2t_dir, ours("siamese") + ["--norm-type", "rmsnorm"])
+    norms = [m for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))]
+    assert norms and all(isinstance(m, RMSNorm) for m in norms)
+    assert isinstance(model.encoder.layer_norm, RMSNorm) and isinstance(model.encoder.siamese_pre_stream_norm, RMSNorm)
