@@ -16,6 +16,8 @@ minutes=${2:-5}
 # third argument: which methods (default every --connection); e.g. the issue-21 methods beside the baselines:
 #   bash experiments/gpu_study.sh study-out 5 "post-ln pre-ln b2t mix-ln lns layerscale siamese hybridnorm"
 read -r -a methods <<< "${3:-}"
+# fourth argument: norm types of the 18L runs (default layernorm only), e.g. "layernorm rmsnorm dyt"
+read -r -a norms <<< "${4:-}"
 out=$(realpath -m "${OUT:-gpu-study-out}")
 mkdir -p "$out"
 {
@@ -28,7 +30,9 @@ cat "$out/machine.txt"
 stop=$(( (minutes + 3) * 60 ))
 study=(python3 experiments/stability_study.py --work "$work" --gpu --deadline-minutes "$minutes")
 [ ${#methods[@]} -gt 0 ] && study+=(--methods "${methods[@]}")
-timeout "$stop" "${study[@]}" --stages train --seeds 1 2 --jobs 6 > "$out/train.log" 2>&1 &
+train=("${study[@]}")
+[ ${#norms[@]} -gt 0 ] && train+=(--norm-types "${norms[@]}")
+timeout "$stop" "${train[@]}" --stages train --seeds 1 2 --jobs 6 > "$out/train.log" 2>&1 &
 timeout "$stop" "${study[@]}" --stages deep100 --jobs 4 > "$out/deep100.log" 2>&1 &
 wait
 cd "$(dirname "$work")" && tar czf "$out/runs.tgz" --ignore-failed-read \

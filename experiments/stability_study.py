@@ -4,12 +4,14 @@
     python experiments/stability_study.py --work study-out --stages data train deep100 grad-norms report
     python experiments/stability_study.py --work study-out --stages train --methods b2t --seeds 1 2
     python experiments/stability_study.py --work study-out --stages train deep100 --gpu --jobs 12 --seeds 1 2
+    python experiments/stability_study.py --work study-out --stages train --methods b2t post-ln --norm-types rmsnorm dyt
 
 Stages (each skips what it already finished, so a rerun after an interruption continues):
   data        the real WMT sample in ../shared/data (10k pairs) -> joint sentencepiece 8k -> data-bin
   train       18L-18L, width 64, every method x seeds, identical flags except what a method itself requires
               (configs/study/wmt_sample_18l.yaml, `method_overrides`): json training log, last checkpoint,
-              beam-4 BLEU on 1000 test lines
+              beam-4 BLEU on 1000 test lines; --norm-types adds the same runs with another --norm-type (a
+              method without norms, T-Fixup or ReZero, has no such run)
   deep100     100L-100L at width 32 for 300 updates, every method (configs/study/deep100_tiny.yaml): finite,
               falling loss?
   grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, every method,
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from b2t_fairseq.safety import atomic  # noqa: E402
 from b2t_fairseq.analysis import loss_curves  # noqa: E402
 from b2t_fairseq.modules.connections import CONNECTIONS  # noqa: E402
+from b2t_fairseq.modules.norms import NORM_TYPES  # noqa: E402
 from b2t_fairseq.recipes.common import method_train_options  # noqa: E402
 from b2t_fairseq.tools import pipeline  # noqa: E402
 
@@ -124,8 +127,19 @@ def _finite(x):
     return x is not None and math.isfinite(x)
 
 
-def train_one(work, data_bin, reference, method, seed, config, runner):
-    run = work / f"18l-{method}-seed{seed}"
+def run_name(method, norm_type):
+    """How a run is named in the tables and in its directory: the method, and the norm type where it is not
+    the default (``b2t.rmsnorm``)."""
+    return method if norm_type == "layernorm" else f"{method}.{norm_type}"
+
+
+def _order(record):
+    return (METHODS.index(record["method"]), NORM_TYPES.index(record.get("norm_type", "layernorm")),
+            str(record.get("seed", "1")))  # fmt: skip
+
+
+def train_one(work, data_bin, reference, method, norm_type, seed, config, runner):
+    run = work / f"18l-{run_name(method, norm_type)}-seed{seed}"
     done = run / "study.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -134,13 +148,15 @@ def train_one(work, data_bin, reference, method, seed, config, runner):
     started = datetime.datetime.now()
     try:
         flags = ["--connection", method, "--seed", str(seed)]
+        if norm_type != "layernorm":
+            flags += ["--norm-type", norm_type]
         save_dir = pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=log)
         failed = None
     except pipeline.PipelineError as e:  # a diverging run (NaN loss, overflow) is a result, not a crash of the study
         save_dir, failed = run / "checkpoints", str(e)
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     train_pts, valid_pts = _train_points(log)
-    result = {"method": method, "seed": seed, "train_minutes": round(minutes, 1), "failed": failed,
+    result = {"method": method, "norm_type": norm_type, "seed": seed, "train_minutes": round(minutes, 1), "failed": failed,
               "final_train_loss": train_pts[-1][1] if train_pts else None,
               "final_valid_loss": valid_pts[-1][1] if valid_pts else None,
               "best_valid_loss": min((v for _, v in valid_pts), default=None),
@@ -169,10 +185,11 @@ def _start_log(run):
     return log
 
 
-def stage_train(work, methods, seeds, runner):
+def stage_train(work, methods, seeds, runner, norm_types=("layernorm",)):
     data_bin, reference = stage_data(work)
     config = _config("wmt_sample_18l.yaml")
-    items = [(m, s) for s in seeds for m in methods]
+    items = [(m, n, s) for s in seeds for n in norm_types for m in methods
+             if n == "layernorm" or CONNECTIONS[m].layer_norms]  # T-Fixup and ReZero have no norm to change
     return runner.map(lambda item: train_one(work, data_bin, reference, *item, config, runner), items)
 
 
@@ -311,8 +328,9 @@ def _interrupted_record(run):
     train_pts, valid_pts = _train_points(log)
     losses = [v for _, v in train_pts]
     kind, _, rest = run.name.partition("-")
-    method, _, seed = rest.rpartition("-seed") if kind == "18l" else (rest, "", "1")
-    return {"method": method, "seed": seed, "layers": 100 if kind == "100l" else 18,
+    name, _, seed = rest.rpartition("-seed") if kind == "18l" else (rest, "", "1")
+    method, _, norm_type = name.partition(".")
+    return {"method": method, "norm_type": norm_type or "layernorm", "seed": seed, "layers": 100 if kind == "100l" else 18,
             "device": "gpu" if "CUDA enviroments" in text else "cpu",
             "failed": None, "interrupted": True, "train_minutes": None,
             "updates": train_pts[-1][0] if train_pts else 0,
@@ -324,12 +342,14 @@ def _interrupted_record(run):
             "valid": valid_pts, "log": str(log)}  # fmt: skip
 
 
-def stage_report(work, methods, seeds, docs=DOCS):
+def stage_report(work, methods, seeds, docs=DOCS, norm_types=("layernorm",)):
     docs.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in _records(work, "18l-*") if r["method"] in methods and str(r["seed"]) in map(str, seeds)]
-    runs.sort(key=lambda r: (METHODS.index(r["method"]), str(r["seed"])))
+    runs = [r for r in _records(work, "18l-*") if r["method"] in methods and str(r["seed"]) in map(str, seeds)
+            and r.get("norm_type", "layernorm") in norm_types]  # fmt: skip
+    runs.sort(key=_order)
     if runs:
-        curves = [f"{r['method']} seed {r['seed']}={r['log']}" for r in runs]
+        curves = [f"{run_name(r['method'], r.get('norm_type', 'layernorm'))} seed {r['seed']}={r['log']}"
+                  for r in runs]  # fmt: skip
         pipeline._run(pipeline._python_m("b2t_fairseq.analysis.loss_curves", *sum((["--run", c] for c in curves), []),
                        "--out-png", docs / "loss_curves_18l.png", "--out-csv", docs / "loss_curves_18l.csv",
                        "--title", "18L-18L, d64, real WMT sample (10k pairs)"))  # fmt: skip
@@ -364,11 +384,11 @@ def render_tables(results):
         lines += ["### 18L-18L training on the WMT sample (configs/study/wmt_sample_18l.yaml)", "",
                   "| Method | Seed | Updates | Final train loss | Best valid loss | Final valid loss | BLEU | Device | "
                   "Min |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in sorted(results["train_18l"], key=lambda r: (METHODS.index(r["method"]), str(r["seed"]))):
+        for r in sorted(results["train_18l"], key=_order):
             bleu = _num(r.get("bleu"), "{:.2f}") + (" (failed: " + r["failed"] + ")" if r.get("failed") else "")
             if r.get("interrupted"):
                 bleu += " (stopped before decoding finished)"
-            lines.append(f"| {r['method']} | {r['seed']} | {r['updates']} | {_num(r['final_train_loss'])} | "
+            lines.append(f"| {run_name(r['method'], r.get('norm_type', 'layernorm'))} | {r['seed']} | {r['updates']} | {_num(r['final_train_loss'])} | "
                          f"{_num(r['best_valid_loss'])} | {_num(r['final_valid_loss'])} | {bleu} | "
                          f"{r.get('device', 'cpu')} | {_num(r['train_minutes'], '{}')} |")  # fmt: skip
         signatures = sorted({r["signature"] for r in results["train_18l"] if r.get("signature")})
@@ -415,6 +435,8 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", default=["1"], help="training seeds (train stage)")
+    parser.add_argument("--norm-types", nargs="+", choices=NORM_TYPES, default=["layernorm"],
+                        help="--norm-type of the train stage's runs (each method with norms runs once per type)")
     parser.add_argument("--grad-seeds", nargs="+", default=["1", "2", "3"], help="initialization seeds (grad-norms)")
     parser.add_argument("--grad-batches", type=int, default=2, help="batches averaged per gradient-norm measurement")
     parser.add_argument("--grad-max-tokens", type=int, default=1024, help="tokens per gradient-norm batch")
@@ -437,13 +459,13 @@ def main(argv=None):
             stage_grad_norms(args.work, args.methods, args.grad_seeds, args.grad_batches, args.grad_max_tokens,
                              settings)  # fmt: skip
         if "train" in args.stages:
-            for r in stage_train(args.work, args.methods, args.seeds, runner):
+            for r in stage_train(args.work, args.methods, args.seeds, runner, args.norm_types):
                 print(json.dumps(r), flush=True)
         if "deep100" in args.stages:
             for r in stage_deep100(args.work, args.methods, runner):
                 print(json.dumps(r), flush=True)
         if "report" in args.stages:
-            stage_report(args.work, args.methods, args.seeds, args.docs)
+            stage_report(args.work, args.methods, args.seeds, args.docs, args.norm_types)
     except (StudyError, pipeline.PipelineError) as e:
         parser.exit(1, f"stability_study: error: {e}\n")
 

@@ -435,11 +435,14 @@ def test_loss_curves_bad_input_is_one_line(trained, tmp_path, capsys, case, mess
 
 
 # --------------------------------------------------------------------------------------------- live logging
-def test_live_layer_grad_norms_are_the_gradient_per_target_token(data_dir):
+# dyt: a norm type with its own parameters (alpha) inside every layer
+@pytest.mark.parametrize("norm_type", ["layernorm", "dyt"])
+def test_live_layer_grad_norms_are_the_gradient_per_target_token(data_dir, norm_type):
     from fairseq.logging import metrics
 
-    model, task, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--log-layer-grad-norms", 2])
-    plain, _ = small_model(data_dir, "b2t")
+    argv = ["--arch", "transformer_b2t", *SMALL, "--norm-type", norm_type]
+    model, task, _ = build_model(data_dir, [*argv, "--log-layer-grad-norms", 2])
+    plain = build_model(data_dir, argv)[0]
     assert not any(isinstance(m, LayerGradNormLogger) for m in plain.modules()), "off must attach nothing"
     assert model.state_dict().keys() == plain.state_dict().keys(), "checkpoints must not change"
     model.train()

@@ -23,12 +23,14 @@ def fresh_dynamo():
 
 
 # b2t: the method's closures; dlcl: stack weights and the carry passed from layer to layer; siamese: a second
-# stream in the carry and the layer's index; hybridnorm: norms inside the attention's projections
-@pytest.mark.parametrize("connection", ["b2t", "dlcl", "siamese", "hybridnorm"])
-def test_compiled_layers_train_and_decode_as_eager(data_dir, connection):
+# stream in the carry and the layer's index; hybridnorm: norms inside the attention's projections; the norm types'
+# own modules (RMSNorm, DyT's and Derf's alpha) inside compiled layers
+@pytest.mark.parametrize("connection, norm_type", [("b2t", "layernorm"), ("dlcl", "layernorm"),
+                                                   ("siamese", "rmsnorm"), ("hybridnorm", "dyt"), ("b2t", "derf")])
+def test_compiled_layers_train_and_decode_as_eager(data_dir, connection, norm_type):
     from torch._dynamo.utils import counters
 
-    argv = ["--arch", "transformer_b2t", *SMALL, "--connection", connection]
+    argv = ["--arch", "transformer_b2t", *SMALL, "--connection", connection, "--norm-type", norm_type]
     eager, task, _ = build_model(data_dir, argv)
     compiled, _, _ = build_model(data_dir, [*argv, "--compile-layers", "aot_eager"])  # same seed, same weights
     assert compiled.state_dict().keys() == eager.state_dict().keys()
