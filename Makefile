@@ -32,7 +32,11 @@ WORK ?= $(if $(DATA),demo-out/real,demo-out/toy)
 DEMO_CONFIG := $(if $(DATA),configs/demo/real.yaml,configs/demo/toy.yaml)
 PKG_SOURCES := setup.py $(shell find b2t_fairseq -name '*.py')
 
-.PHONY: setup demo test clean
+# Benchmark-only: CTranslate2, the reference row of benchmarks/bench_cpu_decoding.py. Without its dependencies (it
+# imports numpy and pyyaml, both installed already; none of its requirements is torch); never part of setup or test.
+BENCH_NODEPS := ctranslate2==4.8.5
+
+.PHONY: setup demo test clean bench-setup
 
 setup: $(VENV)/.b2t-package $(VENV)/.b2t-espeak
 
@@ -67,6 +71,9 @@ demo: setup
 # a fairseq process starting (single-threaded imports), which a second worker overlaps.
 test: setup
 	$(BIN)/python -m pytest tests -q -n 2 --dist loadfile
+
+bench-setup: setup
+	$(BIN)/pip install --no-deps $(BENCH_NODEPS)
 
 clean:
 	rm -rf demo-out build *.egg-info

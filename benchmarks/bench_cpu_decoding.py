@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""CPU decoding speed: our fast paths against stock fairseq and CTranslate2, on identical weights and work.
+
+One stock ``transformer`` is built through fairseq's API (seeded random weights, a synthetic shared vocabulary);
+its state dict is loaded, unchanged, into our ``transformer_b2t`` as ``--connection post-ln`` (the same function:
+its exact decoding must give the stock model's tokens, which the script checks) and as ``--connection b2t``
+(another function of the same weights), and converted with CTranslate2's own fairseq converter. Every engine
+then decodes the same source batches with beam search, every hypothesis forced to exactly L tokens + EOS (L+1
+decoder steps; fairseq: ``min_len = max_len_b = L``, CTranslate2: ``min_decoding_length =
+max_decoding_length = L + 1``, no end token); the script checks every hypothesis's length, so a row can only
+be faster by doing the same work faster.
+
+Rows: ``fairseq transformer`` (stock, prepared as fairseq-generate prepares it), ``ours <connection> exact``
+(our inference preparation: oneDNN-packed float32 Linear layers), ``ours b2t int8 <mode>`` (``--int8-decoding
+<mode>``), ``ctranslate2 float32`` and ``ctranslate2 int8`` (``compute_type``). Engines alternate within each
+round (A B C ... A B C ...), ratios to the stock row are taken per round and summarised as median [min–max].
+
+CTranslate2 is a benchmark-only dependency: ``make bench-setup`` installs it into the venv with ``--no-deps``
+(it imports only numpy and pyyaml, which fairseq already needs); never ``make setup`` or ``make test``. Without
+it the CTranslate2 rows are left out and the output says so.
+
+    .venv/bin/python benchmarks/bench_cpu_decoding.py                       # 6L d512, beams 4 and 1
+    .venv/bin/python benchmarks/bench_cpu_decoding.py --layers 18 --rounds 3
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import torch  # noqa: E402
+
+from bench_b2t_vs_transformer import (  # noqa: E402
+    QUIET, cpu_model, git_commit, load_average, log, machine_busy_s, other_cpu_share, summary, usable_cores,
+)  # fmt: skip
+
+BASELINE = "fairseq transformer"
+
+
+def parse_cli(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    g = p.add_argument_group("model (every engine decodes the same weights)")
+    g.add_argument("--layers", type=int, default=6, help="encoder and decoder layers (18: the 18L preset's depth)")
+    g.add_argument("--embed-dim", type=int, default=512)
+    g.add_argument("--ffn-dim", type=int, default=2048)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--vocab", type=int, default=8000, help="synthetic shared vocabulary, specials included")
+    g.add_argument("--seed", type=int, default=1)
+    g = p.add_argument_group("work")
+    g.add_argument("--beams", type=int, nargs="+", default=[4, 1], help="beam sizes, each measured in its own rounds")
+    g.add_argument("--gen-len", type=int, default=30, help="L: every hypothesis is forced to L tokens + EOS")
+    g.add_argument("--batch", type=int, default=16, help="source sentences per batch")
+    g.add_argument("--src-len", type=int, default=24, help="source length (tokens, EOS included)")
+    g.add_argument("--batches-per-round", type=int, default=2)
+    g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--warmup", type=int, default=1, help="untimed batches per engine and beam")
+    g.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads; default usable cores")
+    g = p.add_argument_group("rows")
+    g.add_argument("--connections", nargs="+", default=["post-ln", "b2t"], help="our exact rows")
+    g.add_argument("--int8-modes", nargs="*", default=["decoder", "all"], help="--int8-decoding rows of b2t")
+    g.add_argument("--ctranslate2", action=argparse.BooleanOptionalAction, default=None,
+                   help="the CTranslate2 rows (default: when ctranslate2 imports)")  # fmt: skip
+    g = p.add_argument_group("output")
+    g.add_argument("--json", metavar="FILE", help="also write every number (per-round values too) as JSON")
+    g.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"), help="Markdown log to add to")
+    g.add_argument("--no-record", action="store_true", help="do not add the run to --results")
+    args = p.parse_args(argv)
+    if args.ctranslate2 is None:
+        try:
+            import ctranslate2  # noqa: F401
+
+            args.ctranslate2 = True
+        except ImportError:
+            args.ctranslate2 = False
+            log("ctranslate2 is not installed (`make bench-setup` installs it): no CTranslate2 rows")
+    elif args.ctranslate2:
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            p.error("--ctranslate2: ctranslate2 is not installed; run `make bench-setup` first")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+
+def fairseq_args(cli, arch, extra):
+    from fairseq import options
+
+    n, d, f, h = str(cli.layers), str(cli.embed_dim), str(cli.ffn_dim), str(cli.heads)
+    argv = ["/nonexistent-data-dir", "--task", "translation", "--arch", arch, "--share-all-embeddings",
+            "--encoder-layers", n, "--decoder-layers", n, "--encoder-embed-dim", d, "--decoder-embed-dim", d,
+            "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f, "--encoder-attention-heads", h,
+            "--decoder-attention-heads", h, "--seed", str(cli.seed), "--cpu", *extra]  # fmt: skip
+    return options.parse_args_and_arch(options.get_training_parser(), argv)
+
+
+class FairseqEngine:
+    """A fairseq model (stock or ours) decoding through fairseq's SequenceGenerator, prepared for inference as
+    fairseq-generate prepares a loaded model."""
+
+    def __init__(self, name, cli, arch, extra, dictionary, state=None, int8="none"):
+        from fairseq.tasks.translation import TranslationTask
+
+        self.name = name
+        self.args = fairseq_args(cli, arch, extra)
+        self.task = TranslationTask(self.args, dictionary, dictionary)
+        torch.manual_seed(cli.seed)
+        self.model = self.task.build_model(self.args)
+        if state is not None:
+            self.model.load_state_dict(state, strict=True)
+        if int8 != "none":
+            self.model.b2t_int8_decoding = int8
+        self.model.eval()
+        from types import SimpleNamespace
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation notice of quantize_per_channel
+            self.model.prepare_for_inference_(SimpleNamespace(generation=SimpleNamespace(beam=max(cli.beams))))
+        self.generators = {}
+        self.gen_len = cli.gen_len
+
+    def decode(self, batch, beam):
+        from fairseq.sequence_generator import SequenceGenerator
+
+        if beam not in self.generators:
+            L = self.gen_len
+            self.generators[beam] = SequenceGenerator([self.model], self.task.target_dictionary, beam_size=beam,
+                                                      max_len_a=0, max_len_b=L, min_len=L)  # fmt: skip
+        src = batch["tokens"]
+        sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((len(src),), src.size(1))}}
+        with torch.no_grad():
+            hypos = self.generators[beam].generate([self.model], sample)
+        lengths = {len(h["tokens"]) for sent in hypos for h in sent}
+        if lengths != {self.gen_len + 1} or len(hypos) != len(src):
+            raise RuntimeError(f"{self.name}: expected {self.gen_len} tokens + EOS per hypothesis, got {lengths}")
+        return [sent[0]["tokens"][:-1].tolist() for sent in hypos]
+
+
+class CTranslate2Engine:
+    """CTranslate2's Translator on a model converted by its fairseq converter from the stock checkpoint."""
+
+    def __init__(self, name, model_dir, compute_type, cli, dictionary):
+        import ctranslate2
+
+        self.name = name
+        self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
+                                                 inter_threads=1, intra_threads=cli.threads)  # fmt: skip
+        self.dictionary, self.gen_len = dictionary, cli.gen_len
+
+    def decode(self, batch, beam):
+        steps = self.gen_len + 1  # fairseq's L tokens + EOS are L + 1 decoder steps
+        results = self.translator.translate_batch(batch["symbols"], beam_size=beam, num_hypotheses=1,
+                                                  min_decoding_length=steps, max_decoding_length=steps,
+                                                  return_end_token=False)  # fmt: skip
+        out = [r.hypotheses[0] for r in results]
+        lengths = {len(h) for h in out}
+        if lengths != {steps} or len(out) != len(batch["symbols"]):
+            raise RuntimeError(f"{self.name}: expected {steps} tokens per hypothesis, got {lengths}")
+        return [[self.dictionary.index(s) for s in h[: self.gen_len]] for h in out]
+
+
+def convert_for_ctranslate2(stock, dictionary, work):
+    """The stock model as a fairseq checkpoint plus dictionaries, converted by CTranslate2's fairseq converter
+    (float32 weights; the int8 row quantizes them when it loads, as CTranslate2 users do)."""
+    from ctranslate2.converters.fairseq import FairseqConverter
+
+    data = work / "data"
+    data.mkdir()
+    for lang in ("src", "tgt"):
+        dictionary.save(str(data / f"dict.{lang}.txt"))
+    args = stock.args
+    args.source_lang, args.target_lang = "src", "tgt"
+    torch.save({"args": args, "model": stock.model.state_dict()}, work / "checkpoint.pt")
+    out = work / "ct2"
+    converter = FairseqConverter(str(work / "checkpoint.pt"), str(data), source_lang="src", target_lang="tgt",
+                                 unsafe_deserialization=True)  # our own checkpoint, written just above
+    converter.convert(str(out))
+    return out
+
+
+def make_batches(cli, dictionary, count):
+    g = torch.Generator().manual_seed(cli.seed + 1)
+    lo, hi = dictionary.nspecial, len(dictionary)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(lo, hi, (cli.batch, cli.src_len), generator=g)
+        tokens[:, -1] = dictionary.eos()
+        # CTranslate2's fairseq models add the source EOS themselves (add_source_eos)
+        symbols = [[dictionary[i] for i in row[:-1].tolist()] for row in tokens]
+        batches.append({"tokens": tokens, "symbols": symbols})
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def run(cli):
+    t_start, busy_start, cpu_start, load_start = time.perf_counter(), machine_busy_s(), time.process_time(), load_average()
+    cli.threads = cli.threads or usable_cores()
+    torch.set_num_threads(cli.threads)
+    import b2t_fairseq  # noqa: F401  (registers transformer_b2t)
+    from fairseq.data import Dictionary
+
+    for name in ("fairseq", "b2t_fairseq", "root"):
+        logging.getLogger(None if name == "root" else name).setLevel(logging.WARNING)
+    dictionary = Dictionary()
+    for i in range(cli.vocab - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    batches = make_batches(cli, dictionary, max(cli.batches_per_round, cli.warmup) * 2)
+
+    stock = FairseqEngine(BASELINE, cli, "transformer_wmt_en_de", [], dictionary)
+    state = stock.model.state_dict()
+    engines = [stock]
+    for conn in cli.connections:
+        engines.append(FairseqEngine(f"ours {conn} exact", cli, "transformer_b2t_wmt_en_de", ["--connection", conn],
+                                     dictionary, state))  # fmt: skip
+    for mode in cli.int8_modes:
+        engines.append(FairseqEngine(f"ours b2t int8 {mode}", cli, "transformer_b2t_wmt_en_de",
+                                     ["--connection", "b2t"], dictionary, state, int8=mode))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        if cli.ctranslate2:
+            import ctranslate2
+
+            model_dir = convert_for_ctranslate2(stock, dictionary, Path(tmp))
+            for compute_type in ("float32", "int8"):
+                engines.append(CTranslate2Engine(f"ctranslate2 {compute_type}", model_dir, compute_type, cli, dictionary))
+        log(f"{len(engines)} engines, {cli.layers}L-{cli.layers}L d{cli.embed_dim}, {cli.threads} threads")
+
+        # the same function of the same weights must give the same tokens
+        checks = {}
+        first = {e.name: e.decode(batches[0], max(cli.beams)) for e in engines}
+        for e in engines[1:]:
+            same = sum(a == b for a, b in zip(first[e.name], first[BASELINE]))
+            checks[e.name] = f"{same}/{len(first[BASELINE])}"
+        if "ours post-ln exact" in checks and checks["ours post-ln exact"] != f"{cli.batch}/{cli.batch}":
+            raise RuntimeError(f"ours post-ln exact decoded other tokens than stock fairseq: {checks}")
+        if "ctranslate2 float32" in checks:
+            log(f"first-batch hypotheses equal to stock fairseq's: {checks}")
+
+        rates = {}
+        for beam in cli.beams:
+            for e in engines:
+                for i in range(cli.warmup):
+                    e.decode(batches[i], beam)
+            per = {e.name: [] for e in engines}
+            others = {e.name: [] for e in engines}
+            for r in range(cli.rounds):
+                for e in engines:
+                    t0, c0, m0 = time.perf_counter(), time.process_time(), machine_busy_s()
+                    for k in range(cli.batches_per_round):
+                        e.decode(batches[(r * cli.batches_per_round + k) % len(batches)], beam)
+                    wall = time.perf_counter() - t0
+                    per[e.name].append(cli.batches_per_round * cli.batch / wall)
+                    # CTranslate2's threads are not this process's Python threads but are its CPU time all the same
+                    others[e.name].append(other_cpu_share(wall, time.process_time() - c0, m0, machine_busy_s()))
+                log(f"  beam {beam} round {r + 1}/{cli.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
+            rates[beam] = {
+                e.name: {"sentences_per_s": summary(per[e.name]),
+                         "ratio_per_round": summary([x / y for x, y in zip(per[e.name], per[BASELINE])]),
+                         "others_cpu_share_per_round": others[e.name]}
+                for e in engines
+            }  # fmt: skip
+    import fairseq
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
+        "cpu": f"{cpu_model()}, {usable_cores()} usable cores", "torch": torch.__version__,
+        "fairseq": getattr(fairseq, "__version__", "?"), "threads": cli.threads,
+        "ctranslate2": __import__("ctranslate2").__version__ if cli.ctranslate2 else None,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
+        "load_average_1min": [round(load_start, 2), round(load_average(), 2)],
+    }  # fmt: skip
+    runtime = time.perf_counter() - t_start
+    env["others_cpu_share"] = other_cpu_share(runtime, time.process_time() - cpu_start, busy_start, machine_busy_s())
+    config = {k: v for k, v in vars(cli).items() if k not in ("json", "results", "no_record")}
+    return {"environment": env, "config": config, "rates": rates, "same_tokens_as_stock": checks, "runtime_s": runtime}
+
+
+def markdown(report):
+    cfg, env = report["config"], report["environment"]
+    lines = [f"\n## CPU decoding vs CTranslate2 — {env['date']} — commit {env['commit']}\n",
+             f"- machine: {env['cpu']}; torch {env['torch']}, fairseq {env['fairseq']}, ctranslate2 "
+             f"{env['ctranslate2'] or 'not installed'}; {env['threads']} threads",
+             f"- command: `{env['command']}`; runtime {report['runtime_s']:.0f} s; load average at start/end "
+             f"{env['load_average_1min'][0]}/{env['load_average_1min'][1]}; other processes used "
+             f"{'n/a' if env['others_cpu_share'] is None else format(env['others_cpu_share'], '.0%')} of the CPU",
+             f"- work: {cfg['layers']}L-{cfg['layers']}L, embed {cfg['embed_dim']}, ffn {cfg['ffn_dim']}, "
+             f"{cfg['heads']} heads, vocab {cfg['vocab']}; {cfg['rounds']} alternating rounds of "
+             f"{cfg['batches_per_round']} batches of {cfg['batch']} sources of {cfg['src_len']} tokens, every "
+             f"hypothesis forced to {cfg['gen_len']} tokens + EOS", ""]  # fmt: skip
+    for beam, rows in report["rates"].items():
+        lines += [f"Beam {beam}:", "",
+                  "| engine | sentences/s (median) | own min–max | × stock per round: median [min–max] | "
+                  "first batch = stock's tokens |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, r in rows.items():
+            s, q = r["sentences_per_s"], r["ratio_per_round"]
+            ratio = "1" if name == BASELINE else f"**{q['median']:.2f}** [{q['min']:.2f}–{q['max']:.2f}]"
+            same = report["same_tokens_as_stock"].get(name, "–")
+            lines.append(f"| {name} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {ratio} | {same} |")
+        lines.append("")
+    noisy = [n for rows in report["rates"].values() for n, r in rows.items()
+             if any(x is not None and x >= QUIET for x in r["others_cpu_share_per_round"])]  # fmt: skip
+    if noisy:
+        lines.append(f"Rounds with other processes using ≥ {QUIET:.0%} of the CPU: {len(noisy)} engine-beam rows "
+                     "(ratios under contention measure the machine as much as the engines).\n")  # fmt: skip
+    return "\n".join(lines)
+
+
+def record(text, path):
+    from b2t_fairseq.safety import atomic
+
+    path = Path(path)
+    before = path.read_text() if path.exists() else ""
+    atomic.write_text(path, before + text)
+
+
+def main(argv=None):
+    cli = parse_cli(argv)
+    report = run(cli)
+    text = markdown(report)
+    print(text)
+    if cli.json:
+        from b2t_fairseq.safety import atomic
+
+        atomic.write_text(Path(cli.json), json.dumps(report, indent=2) + "\n")
+    if not cli.no_record:
+        record(text, cli.results)
+        log(f"added to {cli.results}")
+
+
+if __name__ == "__main__":
+    main()
