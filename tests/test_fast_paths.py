@@ -1,6 +1,6 @@
-"""Exact mode's fast path (issue 11): oneDNN-packed Linear layers once a model is prepared for inference,
-checked against the path it replaces (fairseq's Linear, fairseq's stock transformer): forward, incremental
-decoding and beam search, for every method."""
+"""Exact mode's fast paths (issues 11, 22): oneDNN-packed Linear layers once a model is prepared for inference, and
+cross-attention keys shared by the beams of a sentence, checked against the paths they replace (fairseq's Linear,
+one copy per beam, fairseq's stock transformer): forward, incremental decoding and beam search, for every method."""
 import argparse
 
 import pytest
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import b2t_fairseq  # noqa: F401  (registers the models)
+from fairseq.modules import MultiheadAttention
 from b2t_fairseq.fast_paths.packed_linear import PackedLinear, pack_linears, packing_available
 from conftest import build_model
 from test_layers import DIMS, LM_DIMS, batch, randomize
@@ -108,6 +109,7 @@ def _twins(data_dir, argv, task="translation"):
     randomize(fast, seed=5)
     reference.load_state_dict(fast.state_dict())
     fast.eval(), reference.eval()
+    reference.b2t_beam_shared = False  # what --no-beamable-mm does: one copy of the cross-attention keys per beam
     fast.prepare_for_inference_(_inference_cfg())
     assert any(type(m) is PackedLinear for m in fast.modules())
     assert not any(type(m) is PackedLinear for m in reference.modules())
@@ -143,12 +145,20 @@ def _assert_same_hypotheses(a, b):
                                    torch.cat([h["positional_scores"] for h in sent_b]), **TOL)  # fmt: skip
 
 
+def _cross_attention_beams(model):
+    return {m.beam_size for m in model.modules() if isinstance(m, MultiheadAttention) and m.encoder_decoder_attention}
+
+
 def _assert_decodes_alike(model, other, tk):
-    """Teacher-forced and step-by-step log-probabilities within 1e-5, the same beam-search hypotheses."""
+    """The same beam-search hypotheses (``model`` sharing its cross-attention keys among the beams of a sentence),
+    then teacher-forced and step-by-step log-probabilities within 1e-5: a decode after a search, of a batch
+    whose rows are not beam copies (4 sentences, beam 4), must not share them."""
     src, lengths, prev = batch(tk.source_dictionary, bsz=4, tgt_len=7)
+    _assert_same_hypotheses(_beam_search(model, tk, src, lengths), _beam_search(other, tk, src, lengths))
+    assert _cross_attention_beams(model) in ({4}, set())  # set(): a model without cross-attention
     for ours, theirs in zip(_decode_steps(model, src, lengths, prev), _decode_steps(other, src, lengths, prev)):
         torch.testing.assert_close(ours, theirs, **TOL)
-    _assert_same_hypotheses(_beam_search(model, tk, src, lengths), _beam_search(other, tk, src, lengths))
+    assert _cross_attention_beams(model) in ({1}, set())
 
 
 @pytest.mark.parametrize("connection", ALL_METHODS)

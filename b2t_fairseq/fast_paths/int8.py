@@ -60,18 +60,3 @@ def quantize_for_cpu_decoding(model, scope):
     logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8 (attention queries and keys "
                 "stay float32)")
     return model
-
-
-class CpuDecoding:
-    """Mixin of our models: after fairseq's own inference preparation, apply ``--int8-decoding``, then pack
-    the Linear layers left in float32 for the CPU (packed_linear.py)."""
-
-    def prepare_for_inference_(self, cfg):
-        from b2t_fairseq.fast_paths.packed_linear import pack_linears
-
-        super().prepare_for_inference_(cfg)
-        quantize_for_cpu_decoding(self, getattr(self, "b2t_int8_decoding", "none"))
-        packed = pack_linears(self)
-        if packed:
-            logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=off "
-                        "switches it off)")

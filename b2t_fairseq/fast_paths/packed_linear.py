@@ -6,7 +6,7 @@ reordered once into its blocked layout (``torch.ops.mkldnn``, what torch.compile
 weights) is faster; the benchmark's "b2t unpacked" row measures the difference (benchmarks/RESULTS.md). The
 results differ from MKL's only in the rounding of float32 sums (tests/test_fast_paths.py holds them to 1e-5).
 
-Applied when fairseq prepares a loaded model for inference (``prepare_for_inference_``, see int8.py), to every
+Applied when fairseq prepares a loaded model for inference (``prepare_for_inference_``, see decoding.py), to every
 plain ``nn.Linear`` of the model; checkpoints, training and state dicts never see it. A packed layer uses its
 packed weight only where the kernel applies (CPU, float32, no gradients) and fairseq's Linear everywhere else
 (a GPU, half precision, training), and repacks when its weight changes. ``B2T_PACKED_LINEARS`` in the

@@ -30,7 +30,7 @@ from fairseq.utils import safe_getattr
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.fast_paths.compiling import compile_layers
 from b2t_fairseq.safety.errors import B2TConfigError
-from b2t_fairseq.fast_paths.int8 import CpuDecoding
+from b2t_fairseq.fast_paths.decoding import FastDecoding
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, ConnectedEncoderLoop, _wrap_layer
 from b2t_fairseq.models.transformer_b2t import mirror_architecture
 from b2t_fairseq.modules import ConnectedEncoderLayer, INIT_RULES, apply_init_scaling, get_connection, stack_shape
@@ -123,7 +123,7 @@ class B2TS2TTransformerDecoder(B2TTransformerDecoder):
 
 
 @register_model("s2t_transformer_b2t")
-class S2TTransformerB2TModel(CpuDecoding, IdentityChecked, fs.S2TTransformerModel):
+class S2TTransformerB2TModel(FastDecoding, IdentityChecked, fs.S2TTransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)

@@ -11,7 +11,7 @@ from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.fast_paths.compiling import compile_layers
-from b2t_fairseq.fast_paths.int8 import CpuDecoding
+from b2t_fairseq.fast_paths.decoding import FastDecoding
 from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder, B2TTransformerEncoder
 from b2t_fairseq.modules import apply_init_scaling
@@ -20,7 +20,7 @@ from b2t_fairseq.safety.runs import IdentityChecked
 
 
 @register_model("transformer_b2t")
-class TransformerB2TModel(CpuDecoding, IdentityChecked, TransformerModel):
+class TransformerB2TModel(FastDecoding, IdentityChecked, TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)

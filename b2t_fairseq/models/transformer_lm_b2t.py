@@ -16,7 +16,7 @@ from fairseq.utils import safe_getattr
 
 from b2t_fairseq.analysis.live import attach_layer_grad_norm_logger
 from b2t_fairseq.fast_paths.compiling import compile_layers
-from b2t_fairseq.fast_paths.int8 import CpuDecoding
+from b2t_fairseq.fast_paths.decoding import FastDecoding
 from b2t_fairseq.safety.errors import B2TConfigError
 from b2t_fairseq.models.stacks import B2TTransformerDecoder
 from b2t_fairseq.modules import apply_init_scaling, get_connection
@@ -30,7 +30,7 @@ class TransformerLMB2TConfig(fs.TransformerLanguageModelConfig, B2TOptions):
 
 
 @register_model("transformer_lm_b2t", dataclass=TransformerLMB2TConfig)
-class TransformerLMB2TModel(CpuDecoding, IdentityChecked, fs.TransformerLanguageModel):
+class TransformerLMB2TModel(FastDecoding, IdentityChecked, fs.TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         args = as_namespace(args)
