@@ -205,3 +205,41 @@ def test_prepared_model_decodes_as_the_reference_path_with_a_norm_type(data_dir,
             "--decoder-layers", "3", *DIMS]  # fmt: skip
     fast, reference, tk = _twins(data_dir, argv)
     _assert_decodes_alike(fast, reference, tk)
+
+
+# ------------------------------------------------------------------- self-attention keys copied once a step
+def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_fallbacks():
+    """The one-copy path (kv_cache.py) against fairseq's own incremental attention, call by call: 30 steps with a
+    beam reordering before most (two in a row once), the batch shrinking (finished sentences), a step with a
+    padding mask (fairseq's path from then on, the noted order applied first)."""
+    from b2t_fairseq.fast_paths.kv_cache import ORDER, cache_self_attention
+
+    torch.manual_seed(0)
+    ours, theirs = MultiheadAttention(16, 4, self_attention=True), MultiheadAttention(16, 4, self_attention=True)
+    theirs.load_state_dict(ours.state_dict())
+    holder = nn.Module()
+    holder.decoder = nn.Module()
+    holder.decoder.attn = ours
+    assert cache_self_attention(holder) == 1 and type(ours).__name__ == "CachedMultiheadAttention"
+    ours.eval(), theirs.eval()
+    state_ours, state_theirs, bsz = {}, {}, 6
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for step in range(30):
+            for _ in range(2 if step == 5 else 1 if step else 0):
+                if step in (3, 20):  # sentences finished: the search drops their rows
+                    order = torch.randperm(bsz, generator=g)[: bsz - 2]
+                    bsz -= 2
+                else:
+                    order = torch.randint(0, bsz, (bsz,), generator=g)
+                ours.reorder_incremental_state(state_ours, order)
+                theirs.reorder_incremental_state(state_theirs, order)
+                assert ORDER in ours._get_input_buffer(state_ours) or step >= 12  # noted, not applied
+            x = torch.randn(1, bsz, 16, generator=g)
+            mask = torch.zeros(bsz, step + 1, dtype=torch.bool) if step == 12 else None  # a padded step
+            out = ours(x, x, x, key_padding_mask=mask, incremental_state=state_ours, need_weights=False)[0]
+            ref = theirs(x, x, x, key_padding_mask=mask, incremental_state=state_theirs, need_weights=False)[0]
+            assert torch.equal(out, ref), step  # the same products on the same numbers
+            saved_ours, saved_theirs = ours._get_input_buffer(state_ours), theirs._get_input_buffer(state_theirs)
+            assert torch.equal(saved_ours["prev_key"], saved_theirs["prev_key"]), step
+            assert torch.equal(saved_ours["prev_value"], saved_theirs["prev_value"]), step

@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from b2t_fairseq.fast_paths.int8 import FullRangeLinear, full_range_activations
 from b2t_fairseq.fast_paths.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 
@@ -73,3 +74,20 @@ def test_fairseq_generate_with_int8_model_override(toy_corpus, tmp_path):
     assert "--int8-decoding decoder: 13 Linear layers quantized" in gen.stderr  # 2 layers x (10 - 4) + output
     lines = gen.stdout.splitlines()
     assert sum(line.startswith("H-") for line in lines) == sum(line.startswith("S-") for line in lines) > 0
+
+
+@pytest.mark.skipif(not full_range_activations(), reason="this CPU has no VNNI: activations keep torch's 7 bits")
+def test_full_range_activations_halve_the_error_of_torchs_dynamic_linear():
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256)
+    x = torch.nn.functional.layer_norm(torch.randn(64, 256), (256,))
+    x[:, :4] *= 8  # a few large channels, as trained models have
+    torchs = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig})[0]
+    ours = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig})[0]
+    ours.__class__ = FullRangeLinear
+    with torch.no_grad():
+        ref = linear(x)
+        errors = [((m(x) - ref).norm() / ref.norm()).item() for m in (torchs, ours)]
+    assert 0 < errors[1] < 0.6 * errors[0], errors

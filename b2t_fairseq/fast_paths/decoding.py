@@ -6,6 +6,7 @@ import torch
 from fairseq.modules import MultiheadAttention
 
 from b2t_fairseq.fast_paths.int8 import quantize_for_cpu_decoding
+from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
 from b2t_fairseq.fast_paths.packed_linear import pack_linears
 
 logger = logging.getLogger(__name__)
@@ -13,8 +14,9 @@ logger = logging.getLogger(__name__)
 
 class FastDecoding:
     """Mixin of our models. ``prepare_for_inference_`` (fairseq-generate, -interactive, -eval-lm, the hub): after
-    fairseq's own preparation, apply ``--int8-decoding``, then pack the Linear layers left in float32 for the CPU
-    (packed_linear.py). ``set_beam_size``: see there."""
+    fairseq's own preparation, apply ``--int8-decoding``, pack the Linear layers left in float32 for the CPU
+    (packed_linear.py) and give the decoder's self-attention its buffered keys and values (kv_cache.py).
+    ``set_beam_size``: see there."""
 
     b2t_beam_shared = True  # --no-beamable-mm turns it off (prepare_for_inference_)
 
@@ -26,6 +28,7 @@ class FastDecoding:
         if packed:
             logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=off "
                         "switches it off)")
+        cache_self_attention(self)
 
     def set_beam_size(self, beam_size):
         """fairseq's SequenceGenerator calls this before a search when a model has it (fairseq's BART does): the

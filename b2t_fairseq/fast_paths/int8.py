@@ -7,11 +7,13 @@ never sees it. Switch it on for a trained model with ``--model-overrides "{'int8
 ``decoder`` quantizes the Linear layers of the decoder's layers (but the attention queries and keys, see
 KEEP_FLOAT) and its output projection: the parts run once per beam and step. ``all`` adds the encoder's layers,
 which run once per sentence. Activations are quantized per batch
-on the fly (dynamic quantization), weights per output channel. fairseq's attention hands its projection weights to
+on the fly (dynamic quantization: one scale per batch, 8 bits on CPUs with VNNI, 7 elsewhere), weights per
+output channel. fairseq's attention hands its projection weights to
 PyTorch's fused kernel in full-sequence self-attention; quantized projections have no weight tensor to hand over,
 so their attention modules take fairseq's own path (the one incremental decoding always takes).
 """
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,25 @@ SCOPES = ("none", "decoder", "all")
 # model quantizing them cost 1.1 BLEU, everything else 0 +- 1 (experiments/int8_decoding.py, benchmarks/RESULTS.md)
 KEEP_FLOAT = ("q_proj", "k_proj")
 logger = logging.getLogger(__name__)
+
+
+def full_range_activations() -> bool:
+    """Whether this CPU multiplies int8 with VNNI instructions (``avx512_vnni`` or ``avx_vnni``), which accumulate
+    in 32 bits. torch's dynamic Linear always quantizes activations to 7 bits (``reduce_range``), which only
+    CPUs without VNNI need (their 16-bit pairwise sums can saturate with 8-bit activations); with VNNI the
+    eighth bit halves the quantization error at the same speed (tests/test_int8.py checks the error)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class FullRangeLinear(torch.ao.nn.quantized.dynamic.Linear):
+    """torch's dynamic int8 Linear with activations quantized to the full 8 bits (see full_range_activations)."""
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, False).to(x.dtype)
 
 
 def quantize_for_cpu_decoding(model, scope):
@@ -53,10 +74,14 @@ def quantize_for_cpu_decoding(model, scope):
         targets.append("decoder.output_projection")
     quantize_dynamic(model, qconfig_spec=dict.fromkeys(targets, per_channel_dynamic_qconfig), dtype=torch.qint8,
                      inplace=True)  # fmt: skip
+    full_range = full_range_activations()
+    if full_range:
+        for name in targets:
+            model.get_submodule(name).__class__ = FullRangeLinear
     for stack in stacks:
         for module in model.get_submodule(f"{stack}.layers").modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True  # keeps it off the fused path that needs weight tensors
     logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8 (attention queries and keys "
-                "stay float32)")
+                f"stay float32), activations to {8 if full_range else 7} bits")
     return model

@@ -1,0 +1,113 @@
+"""Decoder self-attention whose incremental decoding copies its saved keys and values once per step, not twice.
+
+fairseq's attention reorders the saved keys and values for the beams with ``index_select`` (a copy of every earlier
+step) and then appends the new step's with ``torch.cat`` (a second copy). Here a beam reordering is only noted
+(``reorder_incremental_state``) and applied at the next step by ``index_select`` straight into the new, one step
+longer tensor, whose last position then takes the new key and value: one copy per step. The saved state keeps
+fairseq's format (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, contiguous) and attention runs
+fairseq's matrix products on the same numbers, so the results are fairseq's. (Preallocated buffers with room
+to grow were measured too: batched products over their strided rows ran 2-3x slower than the copy they save.)
+
+Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' self-attention modules; the class of each
+is swapped (parameters, names and state dicts unchanged). A call the fast path does not cover (training, full
+sequences, padding or attention masks, attention weights asked for, several new tokens at once) goes to
+fairseq's own forward, after any noted reordering is applied.
+"""
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+ORDER = "b2t_order"  # a beam order noted by reorder_incremental_state, not yet applied
+
+
+class CachedSelfAttention:
+    """Mixin put in front of a decoder self-attention's class (``MultiheadAttention`` or a method's subclass)."""
+
+    def forward(self, query, key, value, key_padding_mask: Optional[Tensor] = None,
+                incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None, need_weights: bool = True,
+                static_kv: bool = False, attn_mask: Optional[Tensor] = None, before_softmax: bool = False,
+                need_head_weights: bool = False):  # fmt: skip
+        saved = None if incremental_state is None else self._get_input_buffer(incremental_state)
+        covered = (
+            saved is not None and not self.training and query.size(0) == 1 and key_padding_mask is None
+            and saved.get("prev_key_padding_mask") is None and attn_mask is None
+            and not (need_weights or need_head_weights or before_softmax or static_kv)
+            and self.bias_k is None and not self.add_zero_attn and not self.dropout_module.apply_during_inference
+        )  # fmt: skip
+        if not covered:
+            if saved is not None and ORDER in saved:
+                self._apply_order(incremental_state, saved)
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights, static_kv,
+                                   attn_mask, before_softmax, need_head_weights)  # fmt: skip
+        bsz, embed_dim = query.size(1), query.size(2)
+        heads, head_dim = self.num_heads, self.head_dim
+        q = self.q_proj(query)
+        k = self.k_proj(query)
+        v = self.v_proj(query)
+        q *= self.scaling
+        order = saved.pop(ORDER, None)
+        saved["prev_key"] = k = _one_step_longer(saved.get("prev_key"), order, k.view(bsz, heads, 1, head_dim))
+        saved["prev_value"] = v = _one_step_longer(saved.get("prev_value"), order, v.view(bsz, heads, 1, head_dim))
+        saved["prev_key_padding_mask"] = None
+        self._set_input_buffer(incremental_state, saved)
+        steps = k.size(2)
+        k, v = k.view(bsz * heads, steps, head_dim), v.view(bsz * heads, steps, head_dim)
+        weights = torch.bmm(q.view(bsz * heads, 1, head_dim), k.transpose(1, 2))
+        weights = self.apply_sparse_mask(weights, 1, steps, bsz)
+        probs = torch.softmax(weights, dim=-1, dtype=torch.float32).type_as(weights)
+        attn = torch.bmm(probs, v)  # (bsz * heads, 1, head_dim): already fairseq's (1, bsz, embed_dim) order
+        return self.out_proj(attn.view(1, bsz, embed_dim)), None
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        saved = self._get_input_buffer(incremental_state)
+        if saved.get("prev_key") is None:
+            return super().reorder_incremental_state(incremental_state, new_order)
+        order = saved.get(ORDER)
+        saved[ORDER] = new_order if order is None else order.index_select(0, new_order)
+        return self._set_input_buffer(incremental_state, saved)
+
+    def _apply_order(self, incremental_state, saved):
+        order = saved.pop(ORDER)
+        for name in ("prev_key", "prev_value", "prev_key_padding_mask"):
+            if saved.get(name) is not None:
+                saved[name] = saved[name].index_select(0, order)
+        self._set_input_buffer(incremental_state, saved)
+
+
+def _one_step_longer(saved: Optional[Tensor], order: Optional[Tensor], new: Tensor) -> Tensor:
+    """``saved`` (bsz x heads x steps x head_dim) in beam ``order`` with ``new`` appended along the steps: fairseq's
+    index_select and cat, in one copy."""
+    if saved is None:
+        return new.contiguous()
+    rows, steps = new.size(0), saved.size(2)
+    if order is not None and order.numel() != rows or order is None and saved.size(0) != rows:
+        raise RuntimeError(f"cached self-attention: {saved.size(0)} rows saved, {rows} in this step")
+    out = new.new_empty(rows, new.size(1), steps + 1, new.size(3))
+    if order is None:
+        out[:, :, :steps] = saved
+    else:
+        torch.index_select(saved, 0, order, out=out[:, :, :steps])
+    out[:, :, steps:] = new
+    return out
+
+
+_CLASSES = {}
+
+
+def cache_self_attention(model) -> int:
+    """Give every decoder self-attention module of ``model`` the one-copy incremental path; returns how many."""
+    from fairseq.modules import MultiheadAttention
+
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return 0
+    count = 0
+    for module in decoder.modules():
+        if isinstance(module, MultiheadAttention) and module.self_attention and not isinstance(module, CachedSelfAttention):
+            cls = type(module)
+            if cls not in _CLASSES:
+                _CLASSES[cls] = type(f"Cached{cls.__name__}", (CachedSelfAttention, cls), {})
+            module.__class__ = _CLASSES[cls]
+            count += 1
+    return count
