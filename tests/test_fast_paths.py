@@ -243,3 +243,55 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
             saved_ours, saved_theirs = ours._get_input_buffer(state_ours), theirs._get_input_buffer(state_theirs)
             assert torch.equal(saved_ours["prev_key"], saved_theirs["prev_key"]), step
             assert torch.equal(saved_ours["prev_value"], saved_theirs["prev_value"]), step
+
+
+def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
+    """The steps after the first of a beam-shared cross-attention (kv_cache.SharedCrossAttention) against
+    fairseq's own beam_size path (einsum), with a padded source: the same numbers."""
+    from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
+
+    torch.manual_seed(0)
+    ours, theirs = (MultiheadAttention(16, 4, kdim=16, vdim=16, encoder_decoder_attention=True) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    holder = nn.Module()
+    holder.decoder = nn.Module()
+    holder.decoder.attn = ours
+    assert cache_self_attention(holder) == 1 and type(ours).__name__ == "SharedMultiheadAttention"
+    sentences, beam, src_len = 3, 4, 7
+    encoder_out = torch.randn(src_len, sentences, 16).repeat_interleave(beam, dim=1)
+    padding = torch.zeros(sentences, src_len, dtype=torch.bool)
+    padding[1, -2:] = True
+    padding = padding.repeat_interleave(beam, dim=0)
+    states = {}, {}
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(1, sentences * beam, 16)
+            outs = []
+            for module, state in zip((ours, theirs), states):
+                module.eval()
+                module.set_beam_size(beam)
+                outs.append(module(x, encoder_out, encoder_out, key_padding_mask=padding, incremental_state=state,
+                                   static_kv=True, need_weights=False)[0])  # fmt: skip
+            assert torch.equal(*outs), step
+            assert ours._get_input_buffer(states[0])["prev_key"].size(0) == sentences  # one copy per sentence
+
+
+def test_reordering_an_encoder_output_copies_only_when_rows_change_sentence(data_dir):
+    from fairseq.models.transformer import TransformerEncoderBase
+
+    model, tk, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--encoder-layers", "2", "--decoder-layers",
+                                          "2", *DIMS])  # fmt: skip
+    model.eval()
+    src, lengths, _ = batch(tk.source_dictionary, bsz=3, tgt_len=4)
+    with torch.no_grad():
+        out = model.encoder(src, lengths)
+    expand = torch.arange(3).repeat_interleave(2)  # a search's beams: two copies of each sentence
+    ours = model.encoder.reorder_encoder_out(out, expand)
+    theirs = TransformerEncoderBase.reorder_encoder_out(model.encoder, out, expand)
+    assert torch.equal(ours["encoder_out"][0], theirs["encoder_out"][0])
+    beams = torch.tensor([1, 1, 3, 2, 5, 4])  # every row keeps its sentence: nothing to copy
+    assert model.encoder.reorder_encoder_out(ours, beams) is ours
+    shrink = torch.tensor([0, 1, 4, 5])  # sentence 1 finished: rows leave
+    smaller = model.encoder.reorder_encoder_out(ours, shrink)
+    assert torch.equal(smaller["encoder_out"][0], theirs["encoder_out"][0][:, shrink])
+    assert torch.equal(smaller["encoder_padding_mask"][0], theirs["encoder_padding_mask"][0][shrink])

@@ -1,4 +1,5 @@
-"""Decoder self-attention whose incremental decoding copies its saved keys and values once per step, not twice.
+"""Decoder attention for incremental decoding: self-attention that copies its saved keys and values once per step,
+not twice, and cross-attention that attends without einsum when the beams share the encoder's keys.
 
 fairseq's attention reorders the saved keys and values for the beams with ``index_select`` (a copy of every earlier
 step) and then appends the new step's with ``torch.cat`` (a second copy). Here a beam reordering is only noted
@@ -92,11 +93,60 @@ def _one_step_longer(saved: Optional[Tensor], order: Optional[Tensor], new: Tens
     return out
 
 
+class SharedCrossAttention:
+    """Mixin put in front of a decoder cross-attention's class: the steps after the first of a beam search whose
+    beams share the encoder's keys and values (decoding.py, ``set_beam_size``) attend with two batched products
+    per sentence and head, as fairseq's einsum path does, without einsum's parsing and planning at every call."""
+
+    def forward(self, query, key, value, key_padding_mask: Optional[Tensor] = None,
+                incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None, need_weights: bool = True,
+                static_kv: bool = False, attn_mask: Optional[Tensor] = None, before_softmax: bool = False,
+                need_head_weights: bool = False):  # fmt: skip
+        saved = None if incremental_state is None else self._get_input_buffer(incremental_state)
+        prev_key = None if saved is None else saved.get("prev_key")
+        bsz = query.size(1)
+        covered = (
+            prev_key is not None and static_kv and not self.training and query.size(0) == 1
+            and bsz != prev_key.size(0) and attn_mask is None and self.beam_size == bsz // prev_key.size(0)
+            and not (need_weights or need_head_weights or before_softmax)
+            and type(self).apply_sparse_mask is _PLAIN_SPARSE_MASK  # RealFormer's scores need fairseq's order
+            and self.bias_k is None and not self.add_zero_attn and not self.dropout_module.apply_during_inference
+        )  # fmt: skip
+        if not covered:
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights, static_kv,
+                                   attn_mask, before_softmax, need_head_weights)  # fmt: skip
+        sentences, heads, src_len, head_dim = prev_key.shape
+        beam, embed_dim = bsz // sentences, query.size(2)
+        q = self.q_proj(query)
+        q *= self.scaling
+        # (1, sentences * beam, heads * head_dim) -> (sentences * heads, beam, head_dim)
+        q = q.view(sentences, beam, heads, head_dim).transpose(1, 2).reshape(sentences * heads, beam, head_dim)
+        k = prev_key.view(sentences * heads, src_len, head_dim)
+        v = saved["prev_value"].view(sentences * heads, src_len, head_dim)
+        weights = torch.bmm(q, k.transpose(1, 2))
+        mask = saved.get("prev_key_padding_mask")
+        if mask is not None:
+            weights = weights.view(sentences, heads, beam, src_len).masked_fill(
+                mask.view(sentences, 1, 1, src_len).to(torch.bool), float("-inf")
+            ).view(sentences * heads, beam, src_len)
+        probs = torch.softmax(weights, dim=-1, dtype=torch.float32).type_as(weights)
+        attn = torch.bmm(probs, v).view(sentences, heads, beam, head_dim).transpose(1, 2)
+        return self.out_proj(attn.reshape(1, bsz, embed_dim)), None
+
+
+def _plain_sparse_mask():
+    from fairseq.modules import MultiheadAttention
+
+    return MultiheadAttention.apply_sparse_mask
+
+
+_PLAIN_SPARSE_MASK = _plain_sparse_mask()
 _CLASSES = {}
 
 
 def cache_self_attention(model) -> int:
-    """Give every decoder self-attention module of ``model`` the one-copy incremental path; returns how many."""
+    """Give every decoder self-attention module of ``model`` the one-copy incremental path, every cross-attention
+    module the beam-shared one; returns how many modules."""
     from fairseq.modules import MultiheadAttention
 
     decoder = getattr(model, "decoder", None)
@@ -104,10 +154,13 @@ def cache_self_attention(model) -> int:
         return 0
     count = 0
     for module in decoder.modules():
-        if isinstance(module, MultiheadAttention) and module.self_attention and not isinstance(module, CachedSelfAttention):
-            cls = type(module)
-            if cls not in _CLASSES:
-                _CLASSES[cls] = type(f"Cached{cls.__name__}", (CachedSelfAttention, cls), {})
-            module.__class__ = _CLASSES[cls]
-            count += 1
+        if not isinstance(module, MultiheadAttention) or isinstance(module, (CachedSelfAttention, SharedCrossAttention)):
+            continue
+        mixin = CachedSelfAttention if module.self_attention else SharedCrossAttention
+        key = (mixin, type(module))
+        if key not in _CLASSES:
+            prefix = "Cached" if mixin is CachedSelfAttention else "Shared"
+            _CLASSES[key] = type(f"{prefix}{type(module).__name__}", (mixin, type(module)), {})
+        module.__class__ = _CLASSES[key]
+        count += 1
     return count

@@ -94,6 +94,29 @@ class ConnectedEncoderLoop(_LayerCalls):
                 states.append(x)
         return connection.end(self, x, carry)
 
+    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order: Tensor):
+        """fairseq's reordering, but an order that leaves every row with an output of the same source sentence
+        (a beam search's step: it only reorders a sentence's beams, copies of one encoder output) returns the
+        output as it is instead of copying it. Which sentence each row holds travels in ``b2t_row_source``."""
+        rows = encoder_out.get(ROW_SOURCE)
+        if rows:
+            source = rows[0]
+        elif encoder_out["encoder_padding_mask"]:
+            source = torch.arange(encoder_out["encoder_padding_mask"][0].size(0), device=new_order.device)
+        elif encoder_out["encoder_out"]:
+            source = torch.arange(encoder_out["encoder_out"][0].size(1), device=new_order.device)
+        else:
+            return super().reorder_encoder_out(encoder_out, new_order)
+        new_source = source.index_select(0, new_order)
+        if torch.equal(new_source, source):
+            return encoder_out
+        reordered = super().reorder_encoder_out(encoder_out, new_order)
+        reordered[ROW_SOURCE] = [new_source]
+        return reordered
+
+
+ROW_SOURCE = "b2t_row_source"
+
 
 def _wrap_layer(layer, cfg):
     """FSDP wrapping, as fairseq applies it to its own layers (every layer when checkpointing)."""
