@@ -67,7 +67,8 @@ def parse_cli(argv=None):
     g.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads; default usable cores")
     g = p.add_argument_group("rows")
     g.add_argument("--connections", nargs="+", default=["post-ln", "b2t"], help="our exact rows")
-    g.add_argument("--int8-modes", nargs="*", default=["decoder", "all"], help="--int8-decoding rows of b2t")
+    g.add_argument("--int8-modes", nargs="*", default=["decoder", "all"], help="--int8-decoding rows")
+    g.add_argument("--int8-connections", nargs="+", default=["b2t"], help="the methods with --int8-decoding rows")
     g.add_argument("--ctranslate2", action=argparse.BooleanOptionalAction, default=None,
                    help="the CTranslate2 rows (default: when ctranslate2 imports)")  # fmt: skip
     g = p.add_argument_group("output")
@@ -117,6 +118,7 @@ class FairseqEngine:
         self.task = TranslationTask(self.args, dictionary, dictionary)
         torch.manual_seed(cli.seed)
         self.model = self.task.build_model(self.args)
+        self.stock_weights = state is not None
         if state is not None:
             self.model.load_state_dict(state, strict=True)
         if int8 != "none":
@@ -189,6 +191,17 @@ def convert_for_ctranslate2(stock, dictionary, work):
     return out
 
 
+def state_for(connection, cli, dictionary, stock_state):
+    """The stock weights for a method whose parameters are exactly the stock model's (post-ln, b2t, pre-ln's
+    final norms aside); None (its own seeded initialization) for a method with other parameters (Admin's ω,
+    DLCL's weights, extra norms): the work is the same, the weights cannot be."""
+    from fairseq.tasks.translation import TranslationTask
+
+    args = fairseq_args(cli, "transformer_b2t_wmt_en_de", ["--connection", connection])
+    keys = TranslationTask(args, dictionary, dictionary).build_model(args).state_dict().keys()
+    return stock_state if keys == stock_state.keys() else None
+
+
 def make_batches(cli, dictionary, count):
     g = torch.Generator().manual_seed(cli.seed + 1)
     lo, hi = dictionary.nspecial, len(dictionary)
@@ -224,10 +237,11 @@ def run(cli):
     engines = [stock]
     for conn in cli.connections:
         engines.append(FairseqEngine(f"ours {conn} exact", cli, "transformer_b2t_wmt_en_de", ["--connection", conn],
-                                     dictionary, state))  # fmt: skip
-    for mode in cli.int8_modes:
-        engines.append(FairseqEngine(f"ours b2t int8 {mode}", cli, "transformer_b2t_wmt_en_de",
-                                     ["--connection", "b2t"], dictionary, state, int8=mode))  # fmt: skip
+                                     dictionary, state_for(conn, cli, dictionary, state)))  # fmt: skip
+    for conn in cli.int8_connections:
+        for mode in cli.int8_modes:
+            engines.append(FairseqEngine(f"ours {conn} int8 {mode}", cli, "transformer_b2t_wmt_en_de",
+                                         ["--connection", conn], dictionary, state_for(conn, cli, dictionary, state), int8=mode))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if cli.ctranslate2:
             import ctranslate2
@@ -242,7 +256,7 @@ def run(cli):
         first = {e.name: e.decode(batches[0], max(cli.beams)) for e in engines}
         for e in engines[1:]:
             same = sum(a == b for a, b in zip(first[e.name], first[BASELINE]))
-            checks[e.name] = f"{same}/{len(first[BASELINE])}"
+            checks[e.name] = f"{same}/{len(first[BASELINE])}" if getattr(e, "stock_weights", True) else "own weights"
         if "ours post-ln exact" in checks and checks["ours post-ln exact"] != f"{cli.batch}/{cli.batch}":
             raise RuntimeError(f"ours post-ln exact decoded other tokens than stock fairseq: {checks}")
         if "ctranslate2 float32" in checks:

@@ -3,8 +3,8 @@
     .venv/bin/python experiments/int8_decoding.py --work demo-out/real            # after make demo DATA=...
     .venv/bin/python experiments/int8_decoding.py --work demo-out/toy --rounds 3
 
-For each variant (float32; --int8-decoding decoder; --int8-decoding all; decoder with the attention queries and
-keys quantized too, which the option does not do) it decodes the demo's test set with
+For each variant (float32; --int8-decoding decoder; --int8-decoding all; all with the attention queries and keys
+left in float32, as the option did before 2026-12-06) it decodes the demo's test set with
 fairseq-generate exactly as the demo did (its checkpoint, data-bin and generate options, --cpu), scores it with
 the demo's scorer against the raw references, and times the decoding in alternating rounds (F D A F D A ...):
 the time fairseq-generate reports for translating ("Translated N sentences ... in Xs", model loading excluded).
@@ -28,12 +28,13 @@ sys.path.insert(0, str(REPO))
 from b2t_fairseq.safety import atomic  # noqa: E402
 from b2t_fairseq.tools.pipeline import as_flags  # noqa: E402
 
-# name: (--int8-decoding scope, quantize the attention queries and keys too?)
-VARIANTS = {"float32": (None, False), "int8-decoder": ("decoder", False), "int8-all": ("all", False),
-            "int8-decoder+qk": ("decoder", True)}  # fmt: skip
-# fairseq-generate in this interpreter with b2t_fairseq.fast_paths.int8.KEEP_FLOAT emptied: what keeping q/k float saves
-WITH_QK = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import b2t_fairseq.fast_paths.int8 as q; q.KEEP_FLOAT = (); "
-           "from fairseq_cli.generate import cli_main; sys.argv[0] = 'fairseq-generate'; cli_main()")
+# name: (--int8-decoding scope, Linear layers left float32 by name ending, or None for the option's own choice)
+VARIANTS = {"float32": (None, None), "int8-decoder": ("decoder", None), "int8-all": ("all", None),
+            "int8-all, q/k float32": ("all", ("q_proj", "k_proj"))}  # fmt: skip
+# fairseq-generate in this interpreter with b2t_fairseq.fast_paths.int8.KEEP_FLOAT set (comma-separated argument)
+KEEP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import b2t_fairseq.fast_paths.int8 as q; "
+        "q.KEEP_FLOAT = tuple(filter(None, sys.argv.pop(1).split(','))); "
+        "from fairseq_cli.generate import cli_main; sys.argv[0] = 'fairseq-generate'; cli_main()")
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
 
 
@@ -52,9 +53,12 @@ def demo_facts(work):
     return Path(scored["checkpoint"]), work / "data-bin", config.get("generate", {}), reference, remove_bpe, scored
 
 
-def decode(work, out, checkpoint, data_bin, options, scope, with_qk=False):
+def decode(work, out, checkpoint, data_bin, options, scope, keep=None):
     """fairseq-generate into ``out`` (whole or absent); returns (sentences, seconds fairseq reports)."""
-    start = [sys.executable, "-c", WITH_QK, str(REPO)] if with_qk else [sys.executable, "-m", "fairseq_cli.generate"]
+    if keep is None:
+        start = [sys.executable, "-m", "fairseq_cli.generate"]
+    else:
+        start = [sys.executable, "-c", KEEP, str(REPO), ",".join(keep)]
     cmd = [*start, str(data_bin), "--user-dir", str(REPO / "b2t_fairseq"), "--path", str(checkpoint),
            "--gen-subset", "test", "--cpu", *as_flags(options)]  # fmt: skip
     if scope:
@@ -70,6 +74,11 @@ def decode(work, out, checkpoint, data_bin, options, scope, with_qk=False):
         sys.exit(f"int8_decoding: {out} has no 'Translated N sentences ... in Xs' line; delete it and rerun")
     sentences, _, seconds = found[0]
     return int(sentences.replace(",", "")), float(seconds)
+
+
+def output(out_dir, name, r):
+    """Where round ``r`` of variant ``name`` writes its fairseq-generate output."""
+    return out_dir / f"{name.replace(', ', '-').replace('/', '').replace(' ', '-')}.round{r}.txt"
 
 
 def score(out, reference, remove_bpe):
@@ -109,21 +118,21 @@ def main(argv=None):
     atomic.write_text(stamp_file, json.dumps(stamp) + "\n")
     times = {name: [] for name in VARIANTS}
     for r in range(1, args.rounds + 1):
-        for name, (scope, with_qk) in VARIANTS.items():
-            out = out_dir / f"{name}.round{r}.txt"
-            sentences, seconds = decode(args.work, out, checkpoint, data_bin, options, scope, with_qk)
+        for name, (scope, keep) in VARIANTS.items():
+            out = output(out_dir, name, r)
+            sentences, seconds = decode(args.work, out, checkpoint, data_bin, options, scope, keep)
             times[name].append(sentences / seconds)
             print(f"round {r} {name}: {sentences / seconds:.2f} sentences/s", flush=True)
     results = {}
     for name in VARIANTS:
-        first = out_dir / f"{name}.round1.txt"
+        first = output(out_dir, name, 1)
         scored = score(first, reference, remove_bpe)
-        stable = all(hypotheses(first) == hypotheses(out_dir / f"{name}.round{r}.txt") for r in range(2, args.rounds + 1))
+        stable = all(hypotheses(first) == hypotheses(output(out_dir, name, r)) for r in range(2, args.rounds + 1))
         ratios = [x / y for x, y in zip(times[name], times["float32"])]
         results[name] = {"bleu": scored["bleu"], "signature": scored["signature"], "n": scored["n"],
                          "sentences_per_s": times[name], "ratio_per_round": ratios,
                          "ratio_median": statistics.median(ratios), "same_output_every_round": stable}  # fmt: skip
-    fp32, int8 = hypotheses(out_dir / "float32.round1.txt"), hypotheses(out_dir / "int8-decoder.round1.txt")
+    fp32, int8 = hypotheses(output(out_dir, "float32", 1)), hypotheses(output(out_dir, "int8-decoder", 1))
     changed = sum(fp32[sid] != int8.get(sid) for sid in fp32)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

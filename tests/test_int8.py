@@ -1,5 +1,6 @@
-"""--int8-decoding (issue 11): dynamic int8 quantization of the decoder's Linear layers when fairseq prepares a
-loaded model for inference; outputs close to float32, beam search runs, wrong devices are one line."""
+"""--int8-decoding (issues 11, 22): dynamic int8 quantization of the decoder's (and the encoder's) Linear layers when
+fairseq prepares a loaded model for inference; outputs close to float32, beam search runs, 8-bit activations where
+the CPU has VNNI, wrong devices are one line."""
 import argparse
 
 import pytest
@@ -29,12 +30,12 @@ def test_prepare_for_inference_quantizes_the_named_layers(data_dir, scope, encod
         m.prepare_for_inference_(_generation_cfg())
     assert isinstance(model.decoder.output_projection, QLinear)
     for layer in model.decoder.layers:
-        assert all(isinstance(m, QLinear) for m in (layer.fc1, layer.fc2, layer.self_attn.v_proj,
-                                                     layer.self_attn.out_proj, layer.encoder_attn.out_proj))  # fmt: skip
-        # queries and keys stay float32 (their error passes through the softmax)
-        # (float32 Linear layers are then packed for the CPU: packed_linear.py)
-        assert type(layer.self_attn.q_proj) is type(layer.encoder_attn.k_proj) is PackedLinear
-    assert all(isinstance(layer.fc1, QLinear) == encoder_quantized for layer in model.encoder.layers)
+        linears = [m for m in layer.modules() if isinstance(m, (torch.nn.Linear, QLinear))]
+        assert len(linears) == 10 and all(isinstance(m, QLinear) for m in linears)  # queries and keys included
+    for layer in model.encoder.layers:
+        assert all(isinstance(m, QLinear) == encoder_quantized for m in (layer.fc1, layer.self_attn.q_proj))
+        # float32 Linear layers are packed for the CPU (packed_linear.py)
+        assert encoder_quantized or type(layer.fc2) is PackedLinear
 
     torch.manual_seed(3)
     src, prev, lengths = torch.randint(4, 30, (3, 7)), torch.randint(4, 30, (3, 5)), torch.full((3,), 7)
@@ -71,7 +72,7 @@ def test_fairseq_generate_with_int8_model_override(toy_corpus, tmp_path):
     gen = run("fairseq-generate", toy_corpus["data_bin"], "--user-dir", PLUGIN_DIR, "--path",
               tmp_path / "ckpt" / "checkpoint_last.pt", "--gen-subset", "valid", "--beam", 4, "--batch-size", 50,
               "--max-len-b", 5, "--cpu", "--model-overrides", "{'int8_decoding': 'decoder'}")  # fmt: skip
-    assert "--int8-decoding decoder: 13 Linear layers quantized" in gen.stderr  # 2 layers x (10 - 4) + output
+    assert "--int8-decoding decoder: 21 Linear layers quantized" in gen.stderr  # 2 layers x 10 + output
     lines = gen.stdout.splitlines()
     assert sum(line.startswith("H-") for line in lines) == sum(line.startswith("S-") for line in lines) > 0
 

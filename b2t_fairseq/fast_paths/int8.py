@@ -4,8 +4,8 @@ Applied when fairseq prepares a loaded model for inference (``prepare_for_infere
 fairseq-interactive, fairseq-eval-lm, the hub interface), so checkpoints keep their float32 weights and training
 never sees it. Switch it on for a trained model with ``--model-overrides "{'int8_decoding': 'decoder'}"``.
 
-``decoder`` quantizes the Linear layers of the decoder's layers (but the attention queries and keys, see
-KEEP_FLOAT) and its output projection: the parts run once per beam and step. ``all`` adds the encoder's layers,
+``decoder`` quantizes the Linear layers of the decoder's layers and its output projection: the parts run once per
+beam and step. ``all`` adds the encoder's layers,
 which run once per sentence. Activations are quantized per batch
 on the fly (dynamic quantization: one scale per batch, 8 bits on CPUs with VNNI, 7 elsewhere), weights per
 output channel. fairseq's attention hands its projection weights to
@@ -21,9 +21,10 @@ from torch import nn
 from b2t_fairseq.safety.errors import B2TConfigError
 
 SCOPES = ("none", "decoder", "all")
-# attention's query and key projections stay float32: their error passes through the softmax; on the demo's toy
-# model quantizing them cost 1.1 BLEU, everything else 0 +- 1 (experiments/int8_decoding.py, benchmarks/RESULTS.md)
-KEEP_FLOAT = ("q_proj", "k_proj")
+# Linear layers left in float32, by name ending: none. Until 2026-12-06 the attention's queries and keys were (their
+# error passes through the softmax; with 7-bit activations quantizing them cost 1.1 BLEU on the demo's toy model);
+# with 8-bit activations (full_range_activations) experiments/int8_decoding.py measured them (benchmarks/RESULTS.md).
+KEEP_FLOAT = ()
 logger = logging.getLogger(__name__)
 
 
@@ -82,6 +83,6 @@ def quantize_for_cpu_decoding(model, scope):
         for module in model.get_submodule(f"{stack}.layers").modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True  # keeps it off the fused path that needs weight tensors
-    logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8 (attention queries and keys "
-                f"stay float32), activations to {8 if full_range else 7} bits")
+    logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8, activations to "
+                f"{8 if full_range else 7} bits")
     return model
