@@ -92,3 +92,34 @@ def test_full_range_activations_halve_the_error_of_torchs_dynamic_linear():
         ref = linear(x)
         errors = [((m(x) - ref).norm() / ref.norm()).item() for m in (torchs, ours)]
     assert 0 < errors[1] < 0.6 * errors[0], errors
+
+
+def test_fused_int8_self_attention_projections_give_the_same_numbers(data_dir):
+    """int8.FusedProjections: one product for a decoder self-attention's int8 query, key and value projections,
+    equal to the three it replaces, and a decode through it equal to one without it (bitwise)."""
+    model, task, _ = build_model(data_dir, ["--arch", "transformer_b2t", *SMALL, "--int8-decoding", "decoder"])
+    model.eval()
+    model.prepare_for_inference_(_generation_cfg())
+    attentions = [layer.self_attn for layer in model.decoder.layers]
+    assert all(hasattr(a, "b2t_qkv") for a in attentions)
+    torch.manual_seed(3)
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        fused = attentions[0].b2t_qkv(x)
+        for got, projection in zip(fused, (attentions[0].q_proj, attentions[0].k_proj, attentions[0].v_proj)):
+            assert torch.equal(got, projection(x))
+        src, lengths = torch.randint(4, 30, (3, 7)), torch.full((3,), 7)
+        prev = torch.randint(4, 30, (3, 5))
+
+        def steps():
+            enc, state = model.encoder(src, lengths), {}
+            return torch.cat([model.decoder(prev[:, : t + 1], enc, incremental_state=state)[0] for t in range(5)], 1)
+
+        calls = []
+        real = attentions[0].b2t_qkv
+        attentions[0].b2t_qkv = lambda h: calls.append(1) or real(h)
+        with_fused = steps()
+        assert len(calls) == 5  # every step took the fused product
+        for a in attentions:
+            del a.b2t_qkv
+        assert torch.equal(with_fused, steps())

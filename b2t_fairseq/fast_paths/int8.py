@@ -79,10 +79,48 @@ def quantize_for_cpu_decoding(model, scope):
     if full_range:
         for name in targets:
             model.get_submodule(name).__class__ = FullRangeLinear
+    fused = fuse_self_attention_projections(model.decoder)
     for stack in stacks:
         for module in model.get_submodule(f"{stack}.layers").modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True  # keeps it off the fused path that needs weight tensors
     logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8, activations to "
-                f"{8 if full_range else 7} bits")
+                f"{8 if full_range else 7} bits; {fused} decoder self-attention query/key/value projections fused")
     return model
+
+
+class FusedProjections:
+    """A self-attention's int8 query, key and value projections as one product (``b2t_qkv`` of the attention
+    module, used by kv_cache.CachedSelfAttention): their weights side by side, each row with its own scale as
+    before, and one activation scale for the input they share, so the integer sums and every output are those of
+    the three products (tests/test_int8.py checks equality)."""
+
+    def __init__(self, projections, reduce_range):
+        weights = [m.weight() for m in projections]
+        weight = torch._make_per_channel_quantized_tensor(
+            torch.cat([w.int_repr() for w in weights]), torch.cat([w.q_per_channel_scales() for w in weights]),
+            torch.cat([w.q_per_channel_zero_points() for w in weights]), 0,
+        )  # fmt: skip
+        biases = [m.bias() for m in projections]
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        self.packed = torch.ops.quantized.linear_prepack(weight, bias)
+        self.reduce_range = reduce_range
+
+    def __call__(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range).to(x.dtype).chunk(3, dim=-1)
+
+
+def fuse_self_attention_projections(decoder) -> int:
+    """Give every self-attention of ``decoder`` whose query, key and value projections are all int8 Linear layers
+    of one kind (not a method's normed projections) a :class:`FusedProjections`; returns how many."""
+    from fairseq.modules import MultiheadAttention
+
+    count = 0
+    for module in decoder.modules():
+        if isinstance(module, MultiheadAttention) and module.self_attention:
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            kinds = {type(m) for m in projections}
+            if len(kinds) == 1 and kinds <= {FullRangeLinear, torch.ao.nn.quantized.dynamic.Linear}:
+                module.b2t_qkv = FusedProjections(projections, reduce_range=FullRangeLinear not in kinds)
+                count += 1
+    return count

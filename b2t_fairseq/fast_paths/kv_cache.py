@@ -43,10 +43,12 @@ class CachedSelfAttention:
                                    attn_mask, before_softmax, need_head_weights)  # fmt: skip
         bsz, embed_dim = query.size(1), query.size(2)
         heads, head_dim = self.num_heads, self.head_dim
-        q = self.q_proj(query)
-        k = self.k_proj(query)
-        v = self.v_proj(query)
-        q *= self.scaling
+        fused = self.__dict__.get("b2t_qkv")  # int8 projections as one product (int8.FusedProjections)
+        if fused is not None:
+            q, k, v = fused(query)
+        else:
+            q, k, v = self.q_proj(query), self.k_proj(query), self.v_proj(query)
+        q = q * self.scaling
         order = saved.pop(ORDER, None)
         saved["prev_key"] = k = _one_step_longer(saved.get("prev_key"), order, k.view(bsz, heads, 1, head_dim))
         saved["prev_value"] = v = _one_step_longer(saved.get("prev_value"), order, v.view(bsz, heads, 1, head_dim))
