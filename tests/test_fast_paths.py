@@ -247,7 +247,8 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
 
 def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
     """The steps after the first of a beam-shared cross-attention (kv_cache.SharedCrossAttention) against
-    fairseq's own beam_size path (einsum), with a padded source: the same numbers."""
+    fairseq's own beam_size path (einsum), with a padded source: the same outputs and attention weights (averaged
+    over the heads, and per head: what the decoder's alignment layer asks for at every step)."""
     from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
 
     torch.manual_seed(0)
@@ -271,8 +272,9 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
                 module.eval()
                 module.set_beam_size(beam)
                 outs.append(module(x, encoder_out, encoder_out, key_padding_mask=padding, incremental_state=state,
-                                   static_kv=True, need_weights=False)[0])  # fmt: skip
-            assert torch.equal(*outs), step
+                                   static_kv=True, need_weights=step > 0, need_head_weights=step == 2))  # fmt: skip
+            assert torch.equal(outs[0][0], outs[1][0]), step
+            assert (outs[0][1] is None) == (step == 0) and (step == 0 or torch.equal(outs[0][1], outs[1][1])), step
             assert ours._get_input_buffer(states[0])["prev_key"].size(0) == sentences  # one copy per sentence
 
 

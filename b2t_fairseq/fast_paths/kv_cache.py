@@ -110,7 +110,7 @@ class SharedCrossAttention:
         covered = (
             prev_key is not None and static_kv and not self.training and query.size(0) == 1
             and bsz != prev_key.size(0) and attn_mask is None and self.beam_size == bsz // prev_key.size(0)
-            and not (need_weights or need_head_weights or before_softmax)
+            and not before_softmax
             and type(self).apply_sparse_mask is _PLAIN_SPARSE_MASK  # RealFormer's scores need fairseq's order
             and self.bias_k is None and not self.add_zero_attn and not self.dropout_module.apply_during_inference
         )  # fmt: skip
@@ -131,9 +131,15 @@ class SharedCrossAttention:
             weights = weights.view(sentences, heads, beam, src_len).masked_fill(
                 mask.view(sentences, 1, 1, src_len).to(torch.bool), float("-inf")
             ).view(sentences * heads, beam, src_len)
-        probs = torch.softmax(weights, dim=-1, dtype=torch.float32).type_as(weights)
+        probs_float = torch.softmax(weights, dim=-1, dtype=torch.float32)
+        probs = probs_float.type_as(weights)
         attn = torch.bmm(probs, v).view(sentences, heads, beam, head_dim).transpose(1, 2)
-        return self.out_proj(attn.reshape(1, bsz, embed_dim)), None
+        attn = self.out_proj(attn.reshape(1, bsz, embed_dim))
+        if not (need_weights or need_head_weights):
+            return attn, None
+        # fairseq's attention weights: heads x bsz x 1 x src_len, or their mean over the heads
+        per_head = probs_float.view(sentences, heads, beam, src_len).permute(1, 0, 2, 3).reshape(heads, bsz, 1, src_len)
+        return attn, per_head if need_head_weights else per_head.mean(dim=0)
 
 
 def _plain_sparse_mask():
