@@ -6,6 +6,8 @@ import argparse
 import pytest
 import torch
 
+import b2t_fairseq.modules
+
 from b2t_fairseq.fast_paths.int8 import FullRangeLinear, full_range_activations
 from b2t_fairseq.fast_paths.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
@@ -123,3 +125,35 @@ def test_fused_int8_self_attention_projections_give_the_same_numbers(data_dir):
         for a in attentions:
             del a.b2t_qkv
         assert torch.equal(with_fused, steps())
+
+
+@pytest.mark.parametrize("connection", tuple(b2t_fairseq.modules.CONNECTIONS))
+def test_every_method_decodes_with_int8_layers(data_dir, connection):
+    """--int8-decoding all on every method: what can be int8 is (a method's own Linear classes stay float32 and
+    say so by their type), step-by-step decoding stays close to the float32 model's, beam search runs."""
+    argv = ["--arch", "transformer_b2t", *SMALL, "--connection", connection]
+    model, task, _ = build_model(data_dir, [*argv, "--int8-decoding", "all"])
+    reference, _, _ = build_model(data_dir, argv)
+    for m in (model, reference):
+        m.eval()
+        m.prepare_for_inference_(_generation_cfg())
+    layers = [*model.encoder.layers, *model.decoder.layers]
+    assert all(isinstance(layer.fc1, QLinear) for layer in layers)
+    assert isinstance(model.decoder.output_projection, QLinear)
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, (torch.nn.Linear, QLinear))]
+    assert all(isinstance(m, QLinear) or type(m).__module__ == "b2t_fairseq.modules.connections" for m in linears)
+    torch.manual_seed(3)
+    src, lengths, prev = torch.randint(4, 30, (3, 7)), torch.full((3,), 7), torch.randint(4, 30, (3, 5))
+    with torch.no_grad():
+        outs = []
+        for m in (model, reference):
+            enc, state = m.encoder(src, lengths), {}
+            outs.append(torch.cat([m.decoder(prev[:, : t + 1], enc, incremental_state=state)[0] for t in range(5)], 1))
+    error = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+    assert 0 < error < 0.05, error
+    from fairseq.sequence_generator import SequenceGenerator
+
+    gen = SequenceGenerator([model], task.target_dictionary, beam_size=2, max_len_b=6)
+    with torch.no_grad():
+        hyps = gen.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}})
+    assert len(hyps) == 3 and all(len(h) == 2 for h in hyps)

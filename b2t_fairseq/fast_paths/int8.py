@@ -75,16 +75,19 @@ def quantize_for_cpu_decoding(model, scope):
         targets.append("decoder.output_projection")
     quantize_dynamic(model, qconfig_spec=dict.fromkeys(targets, per_channel_dynamic_qconfig), dtype=torch.qint8,
                      inplace=True)  # fmt: skip
+    # what quantize_dynamic converted: plain Linear layers (a method's own Linear classes, HybridNorm's head-normed
+    # and Sub-LN's input-normed projections, stay float32)
+    quantized = [m for m in map(model.get_submodule, targets) if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     full_range = full_range_activations()
     if full_range:
-        for name in targets:
-            model.get_submodule(name).__class__ = FullRangeLinear
+        for module in quantized:
+            module.__class__ = FullRangeLinear
     fused = fuse_self_attention_projections(model.decoder)
     for stack in stacks:
         for module in model.get_submodule(f"{stack}.layers").modules():
             if isinstance(module, MultiheadAttention):
                 module.skip_embed_dim_check = True  # keeps it off the fused path that needs weight tensors
-    logger.info(f"--int8-decoding {scope}: {len(targets)} Linear layers quantized to int8, activations to "
+    logger.info(f"--int8-decoding {scope}: {len(quantized)} Linear layers quantized to int8, activations to "
                 f"{8 if full_range else 7} bits; {fused} decoder self-attention query/key/value projections fused")
     return model
 
