@@ -53,13 +53,27 @@ def test_packed_linear_equals_linear_and_follows_its_weight(monkeypatch):
         assert torch.equal(packed(x), F.linear(x, packed.weight, packed.bias))
 
 
-def test_only_plain_linear_layers_are_packed(data_dir):
-    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", "sub-ln", *DIMS])
+@pytest.mark.parametrize("connection, own", [("sub-ln", "fc2"), ("hybridnorm", "self_attn.q_proj")])
+def test_a_methods_own_linear_class_keeps_its_steps_over_a_packed_product(data_dir, connection, own):
+    from b2t_fairseq.modules.connections import HeadNormedLinear, InputNormedLinear
+
+    model, _, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", connection, *DIMS])
     model.eval()
     model.prepare_for_inference_(_inference_cfg())
     layer = model.decoder.layers[0]
     assert type(layer.fc1) is PackedLinear and type(model.decoder.output_projection) is PackedLinear
-    assert type(layer.fc2) is not PackedLinear and hasattr(layer.fc2, "sub_layer_norm")  # Sub-LN's own class
+    module = layer.get_submodule(own)
+    assert isinstance(module, PackedLinear) and isinstance(module, (InputNormedLinear, HeadNormedLinear))
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    x = torch.randn(2, module.in_features)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+        out = module(x)
+        assert calls  # the product was the packed one
+        mp.setenv("B2T_PACKED_LINEARS", "0")  # the method's steps over fairseq's Linear
+        torch.testing.assert_close(out, module(x), **TOL)
+        assert len(calls) == 1
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 
 import b2t_fairseq.modules
 
-from b2t_fairseq.fast_paths.int8 import FullRangeLinear, full_range_activations
+from b2t_fairseq.fast_paths.int8 import FullRangeLinear, Int8Product, full_range_activations
 from b2t_fairseq.fast_paths.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 
@@ -129,8 +129,9 @@ def test_fused_int8_self_attention_projections_give_the_same_numbers(data_dir):
 
 @pytest.mark.parametrize("connection", tuple(b2t_fairseq.modules.CONNECTIONS))
 def test_every_method_decodes_with_int8_layers(data_dir, connection):
-    """--int8-decoding all on every method: what can be int8 is (a method's own Linear classes stay float32 and
-    say so by their type), step-by-step decoding stays close to the float32 model's, beam search runs."""
+    """--int8-decoding all on every method: every Linear layer of the layers multiplies in int8 (a method's own
+    Linear classes around an int8 product), step-by-step decoding stays close to the float32 model's, beam search
+    runs."""
     argv = ["--arch", "transformer_b2t", *SMALL, "--connection", connection]
     model, task, _ = build_model(data_dir, [*argv, "--int8-decoding", "all"])
     reference, _, _ = build_model(data_dir, argv)
@@ -141,7 +142,8 @@ def test_every_method_decodes_with_int8_layers(data_dir, connection):
     assert all(isinstance(layer.fc1, QLinear) for layer in layers)
     assert isinstance(model.decoder.output_projection, QLinear)
     linears = [m for layer in layers for m in layer.modules() if isinstance(m, (torch.nn.Linear, QLinear))]
-    assert all(isinstance(m, QLinear) or type(m).__module__ == "b2t_fairseq.modules.connections" for m in linears)
+    # a method's own Linear classes (Sub-LN's, HybridNorm's) keep their steps around an int8 product
+    assert all(isinstance(m, (QLinear, Int8Product)) for m in linears), {type(m) for m in linears}
     torch.manual_seed(3)
     src, lengths, prev = torch.randint(4, 30, (3, 7)), torch.full((3,), 7), torch.randint(4, 30, (3, 5))
     with torch.no_grad():

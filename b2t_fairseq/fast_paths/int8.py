@@ -75,13 +75,18 @@ def quantize_for_cpu_decoding(model, scope):
         targets.append("decoder.output_projection")
     quantize_dynamic(model, qconfig_spec=dict.fromkeys(targets, per_channel_dynamic_qconfig), dtype=torch.qint8,
                      inplace=True)  # fmt: skip
-    # what quantize_dynamic converted: plain Linear layers (a method's own Linear classes, HybridNorm's head-normed
-    # and Sub-LN's input-normed projections, stay float32)
-    quantized = [m for m in map(model.get_submodule, targets) if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    # what quantize_dynamic converted: the plain Linear layers; a method's own Linear classes (Sub-LN's input-normed,
+    # HybridNorm's head-normed projections) keep their class and get an int8 product under it
+    modules = list(map(model.get_submodule, targets))
+    quantized = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     full_range = full_range_activations()
     if full_range:
         for module in quantized:
             module.__class__ = FullRangeLinear
+    for module in modules:
+        if type(module) is not nn.Linear and isinstance(module, nn.Linear):
+            _int8_product_under(module, per_channel_dynamic_qconfig, full_range)
+            quantized.append(module)
     fused = fuse_self_attention_projections(model.decoder)
     for stack in stacks:
         for module in model.get_submodule(f"{stack}.layers").modules():
@@ -90,6 +95,32 @@ def quantize_for_cpu_decoding(model, scope):
     logger.info(f"--int8-decoding {scope}: {len(quantized)} Linear layers quantized to int8, activations to "
                 f"{8 if full_range else 7} bits; {fused} decoder self-attention query/key/value projections fused")
     return model
+
+
+class Int8Product(nn.Linear):
+    """The ``nn.Linear.forward`` that a method's own Linear class reaches through ``super().forward`` (after its
+    input norm, before its head norm): the int8 product of ``b2t_int8``, the packed weight."""
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self.b2t_int8, not self.b2t_full_range).to(x.dtype)
+
+
+_PRODUCT_CLASSES = {}
+
+
+def _int8_product_under(module, qconfig, full_range):
+    """Give ``module`` (a subclass of nn.Linear whose forward calls ``super().forward``) an int8 product: its class
+    becomes (its class, Int8Product), so its own steps stay and the product under them is int8."""
+    from torch.ao.quantization import quantize_dynamic
+
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    plain.weight, plain.bias = module.weight, module.bias
+    module.b2t_int8 = quantize_dynamic(nn.Sequential(plain), {nn.Linear: qconfig})[0]._packed_params._packed_params
+    module.b2t_full_range = full_range
+    cls = type(module)
+    if cls not in _PRODUCT_CLASSES:
+        _PRODUCT_CLASSES[cls] = type(f"Int8{cls.__name__}", (cls, Int8Product), {})
+    module.__class__ = _PRODUCT_CLASSES[cls]
 
 
 class FusedProjections:

@@ -76,9 +76,9 @@ class PackedLinear(nn.Linear):
 
 
 def pack_linears(model) -> int:
-    """Make every plain ``nn.Linear`` of ``model`` a :class:`PackedLinear` (in place; parameters, their names
-    and values unchanged); returns how many. Layers of other Linear classes (int8 ones, Sub-LN's input-normed
-    ones) are left alone."""
+    """Make every plain ``nn.Linear`` of ``model`` a :class:`PackedLinear`, and put one under every method's own
+    Linear class (in place; parameters, their names and values unchanged); returns how many. int8 layers are left
+    alone."""
     if not packing_switched_on():
         logger.info(f"{SWITCH}={os.environ[SWITCH]}: CPU Linear layers are not packed")
         return 0
@@ -90,4 +90,16 @@ def pack_linears(model) -> int:
         if type(module) is nn.Linear:
             module.__class__ = PackedLinear
             count += 1
+        elif type(module).__module__ == METHOD_CLASSES and isinstance(module, nn.Linear):
+            # a method's own Linear class (Sub-LN's input-normed, HybridNorm's head-normed projections): its steps
+            # stay, the product its forward reaches through super().forward is the packed one
+            cls = type(module)
+            if cls not in _PACKED_CLASSES:
+                _PACKED_CLASSES[cls] = type(f"Packed{cls.__name__}", (cls, PackedLinear), {})
+            module.__class__ = _PACKED_CLASSES[cls]
+            count += 1
     return count
+
+
+METHOD_CLASSES = "b2t_fairseq.modules.connections"
+_PACKED_CLASSES = {}
