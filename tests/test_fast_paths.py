@@ -259,10 +259,12 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
             assert torch.equal(saved_ours["prev_value"], saved_theirs["prev_value"]), step
 
 
-def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
+@pytest.mark.parametrize("beam", [4, 1])
+def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam):
     """The steps after the first of a beam-shared cross-attention (kv_cache.SharedCrossAttention) against
-    fairseq's own beam_size path (einsum), with a padded source: the same outputs and attention weights (averaged
-    over the heads, and per head: what the decoder's alignment layer asks for at every step)."""
+    fairseq's own beam_size path (einsum; beam 1: its bmm path), with a padded source: the same outputs and
+    attention weights (averaged over the heads, and per head: what the decoder's alignment layer asks for at every
+    step)."""
     from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
 
     torch.manual_seed(0)
@@ -272,13 +274,20 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
     holder.decoder = nn.Module()
     holder.decoder.attn = ours
     assert cache_self_attention(holder) == 1 and type(ours).__name__ == "SharedMultiheadAttention"
-    sentences, beam, src_len = 3, 4, 7
+    sentences, src_len = 3, 7
     encoder_out = torch.randn(src_len, sentences, 16).repeat_interleave(beam, dim=1)
     padding = torch.zeros(sentences, src_len, dtype=torch.bool)
     padding[1, -2:] = True
     padding = padding.repeat_interleave(beam, dim=0)
     states = {}, {}
-    with torch.no_grad():
+    fairseqs, on_fairseqs_path = MultiheadAttention.forward, []
+
+    def spied(module, *args, **kwargs):
+        on_fairseqs_path.append(module is ours)
+        return fairseqs(module, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MultiheadAttention, "forward", spied)
         for step in range(3):
             x = torch.randn(1, sentences * beam, 16)
             outs = []
@@ -290,6 +299,7 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path():
             assert torch.equal(outs[0][0], outs[1][0]), step
             assert (outs[0][1] is None) == (step == 0) and (step == 0 or torch.equal(outs[0][1], outs[1][1])), step
             assert ours._get_input_buffer(states[0])["prev_key"].size(0) == sentences  # one copy per sentence
+    assert on_fairseqs_path == [True, False, False, False]  # ours took fairseq's path for its first step only
 
 
 def test_reordering_an_encoder_output_copies_only_when_rows_change_sentence(data_dir):

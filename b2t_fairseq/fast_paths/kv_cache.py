@@ -96,9 +96,11 @@ def _one_step_longer(saved: Optional[Tensor], order: Optional[Tensor], new: Tens
 
 
 class SharedCrossAttention:
-    """Mixin put in front of a decoder cross-attention's class: the steps after the first of a beam search whose
-    beams share the encoder's keys and values (decoding.py, ``set_beam_size``) attend with two batched products
-    per sentence and head, as fairseq's einsum path does, without einsum's parsing and planning at every call."""
+    """Mixin put in front of a decoder cross-attention's class: the steps after the first of an incremental decode
+    attend to the saved encoder keys and values with two batched products per sentence and head: for beams that
+    share them (decoding.py, ``set_beam_size``) as fairseq's einsum path does, without einsum's parsing and
+    planning at every call; with one copy per row (beam 1, or sharing off) as fairseq's bmm path does, without its
+    Python around them."""
 
     def forward(self, query, key, value, key_padding_mask: Optional[Tensor] = None,
                 incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None, need_weights: bool = True,
@@ -109,7 +111,7 @@ class SharedCrossAttention:
         bsz = query.size(1)
         covered = (
             prev_key is not None and static_kv and not self.training and query.size(0) == 1
-            and bsz != prev_key.size(0) and attn_mask is None and self.beam_size == bsz // prev_key.size(0)
+            and attn_mask is None and self.beam_size == bsz // prev_key.size(0)
             and not before_softmax
             and type(self).apply_sparse_mask is _PLAIN_SPARSE_MASK  # RealFormer's scores need fairseq's order
             and self.bias_k is None and not self.add_zero_attn and not self.dropout_module.apply_during_inference
