@@ -1,5 +1,6 @@
 """Decoder attention for incremental decoding: self-attention that copies its saved keys and values once per step,
-not twice, and cross-attention that attends without einsum when the beams share the encoder's keys.
+not twice, and cross-attention that attends to the saved encoder keys with two batched products and no Python
+around them (see SharedCrossAttention).
 
 fairseq's attention reorders the saved keys and values for the beams with ``index_select`` (a copy of every earlier
 step) and then appends the new step's with ``torch.cat`` (a second copy). Here a beam reordering is only noted
@@ -9,7 +10,7 @@ fairseq's format (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, c
 fairseq's matrix products on the same numbers, so the results are fairseq's. (Preallocated buffers with room
 to grow were measured too: batched products over their strided rows ran 2-3x slower than the copy they save.)
 
-Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' self-attention modules; the class of each
+Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' attention modules; the class of each
 is swapped (parameters, names and state dicts unchanged). A call the fast path does not cover (training, full
 sequences, padding or attention masks, attention weights asked for, several new tokens at once) goes to
 fairseq's own forward, after any noted reordering is applied.
