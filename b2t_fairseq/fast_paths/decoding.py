@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 class FastDecoding:
     """Mixin of our models. ``prepare_for_inference_`` (fairseq-generate, -interactive, -eval-lm, the hub): after
     fairseq's own preparation, apply ``--int8-decoding``, pack the Linear layers left in float32 for the CPU
-    (packed_linear.py) and give the decoder's self-attention its buffered keys and values (kv_cache.py).
+    (packed_linear.py) and give the decoder's attention modules their incremental paths (kv_cache.py).
     ``set_beam_size``: see there."""
 
     b2t_beam_shared = True  # --no-beamable-mm turns it off (prepare_for_inference_)
