@@ -226,7 +226,7 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
     """The one-copy path (kv_cache.py) against fairseq's own incremental attention, call by call: 30 steps with a
     beam reordering before most (two in a row once), the batch shrinking (finished sentences), a step with a
     padding mask (fairseq's path from then on, the noted order applied first)."""
-    from b2t_fairseq.fast_paths.kv_cache import ORDER, cache_self_attention
+    from b2t_fairseq.fast_paths.kv_cache import ORDER, fast_incremental_attention
 
     torch.manual_seed(0)
     ours, theirs = MultiheadAttention(16, 4, self_attention=True), MultiheadAttention(16, 4, self_attention=True)
@@ -234,7 +234,7 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
     holder = nn.Module()
     holder.decoder = nn.Module()
     holder.decoder.attn = ours
-    assert cache_self_attention(holder) == 1 and type(ours).__name__ == "CachedMultiheadAttention"
+    assert fast_incremental_attention(holder) == 1 and type(ours).__name__ == "CachedMultiheadAttention"
     ours.eval(), theirs.eval()
     state_ours, state_theirs, bsz = {}, {}, 6
     g = torch.Generator().manual_seed(1)
@@ -265,7 +265,7 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam):
     fairseq's own beam_size path (einsum; beam 1: its bmm path), with a padded source: the same outputs and
     attention weights (averaged over the heads, and per head: what the decoder's alignment layer asks for at every
     step)."""
-    from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
+    from b2t_fairseq.fast_paths.kv_cache import fast_incremental_attention
 
     torch.manual_seed(0)
     ours, theirs = (MultiheadAttention(16, 4, kdim=16, vdim=16, encoder_decoder_attention=True) for _ in range(2))
@@ -273,7 +273,7 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam):
     holder = nn.Module()
     holder.decoder = nn.Module()
     holder.decoder.attn = ours
-    assert cache_self_attention(holder) == 1 and type(ours).__name__ == "SharedMultiheadAttention"
+    assert fast_incremental_attention(holder) == 1 and type(ours).__name__ == "SharedMultiheadAttention"
     sentences, src_len = 3, 7
     encoder_out = torch.randn(src_len, sentences, 16).repeat_interleave(beam, dim=1)
     padding = torch.zeros(sentences, src_len, dtype=torch.bool)

@@ -6,7 +6,7 @@ import torch
 from fairseq.modules import MultiheadAttention
 
 from b2t_fairseq.fast_paths.int8 import quantize_for_cpu_decoding
-from b2t_fairseq.fast_paths.kv_cache import cache_self_attention
+from b2t_fairseq.fast_paths.kv_cache import fast_incremental_attention
 from b2t_fairseq.fast_paths.packed_linear import pack_linears
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class FastDecoding:
         if packed:
             logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=off "
                         "switches it off)")
-        cache_self_attention(self)
+        fast_incremental_attention(self)
 
     def set_beam_size(self, beam_size):
         """fairseq's SequenceGenerator calls this before a search when a model has it (fairseq's BART does): the

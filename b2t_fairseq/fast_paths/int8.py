@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from b2t_fairseq.fast_paths.classes import swap_class
 from b2t_fairseq.safety.errors import B2TConfigError
 
 SCOPES = ("none", "decoder", "all")
@@ -105,9 +106,6 @@ class Int8Product(nn.Linear):
         return torch.ops.quantized.linear_dynamic(x, self.b2t_int8, not self.b2t_full_range).to(x.dtype)
 
 
-_PRODUCT_CLASSES = {}
-
-
 def _int8_product_under(module, qconfig, full_range):
     """Give ``module`` (a subclass of nn.Linear whose forward calls ``super().forward``) an int8 product: its class
     becomes (its class, Int8Product), so its own steps stay and the product under them is int8."""
@@ -117,10 +115,7 @@ def _int8_product_under(module, qconfig, full_range):
     plain.weight, plain.bias = module.weight, module.bias
     module.b2t_int8 = quantize_dynamic(nn.Sequential(plain), {nn.Linear: qconfig})[0]._packed_params._packed_params
     module.b2t_full_range = full_range
-    cls = type(module)
-    if cls not in _PRODUCT_CLASSES:
-        _PRODUCT_CLASSES[cls] = type(f"Int8{cls.__name__}", (cls, Int8Product), {})
-    module.__class__ = _PRODUCT_CLASSES[cls]
+    swap_class(module, (type(module), Int8Product), f"Int8{type(module).__name__}")
 
 
 class FusedProjections:

@@ -20,6 +20,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from b2t_fairseq.fast_paths.classes import swap_class
+
 ORDER = "b2t_order"  # a beam order noted by reorder_incremental_state, not yet applied
 
 
@@ -152,10 +154,9 @@ def _plain_sparse_mask():
 
 
 _PLAIN_SPARSE_MASK = _plain_sparse_mask()
-_CLASSES = {}
 
 
-def cache_self_attention(model) -> int:
+def fast_incremental_attention(model) -> int:
     """Give every decoder self-attention module of ``model`` the one-copy incremental path, every cross-attention
     module the beam-shared one; returns how many modules."""
     from fairseq.modules import MultiheadAttention
@@ -167,11 +168,7 @@ def cache_self_attention(model) -> int:
     for module in decoder.modules():
         if not isinstance(module, MultiheadAttention) or isinstance(module, (CachedSelfAttention, SharedCrossAttention)):
             continue
-        mixin = CachedSelfAttention if module.self_attention else SharedCrossAttention
-        key = (mixin, type(module))
-        if key not in _CLASSES:
-            prefix = "Cached" if mixin is CachedSelfAttention else "Shared"
-            _CLASSES[key] = type(f"{prefix}{type(module).__name__}", (mixin, type(module)), {})
-        module.__class__ = _CLASSES[key]
+        mixin, prefix = (CachedSelfAttention, "Cached") if module.self_attention else (SharedCrossAttention, "Shared")
+        swap_class(module, (mixin, type(module)), f"{prefix}{type(module).__name__}")
         count += 1
     return count

@@ -19,6 +19,7 @@ import os
 import torch
 from torch import nn
 
+from b2t_fairseq.fast_paths.classes import swap_class
 from b2t_fairseq.safety.errors import B2TConfigError
 
 logger = logging.getLogger(__name__)
@@ -93,13 +94,9 @@ def pack_linears(model) -> int:
         elif type(module).__module__ == METHOD_CLASSES and isinstance(module, nn.Linear):
             # a method's own Linear class (Sub-LN's input-normed, HybridNorm's head-normed projections): its steps
             # stay, the product its forward reaches through super().forward is the packed one
-            cls = type(module)
-            if cls not in _PACKED_CLASSES:
-                _PACKED_CLASSES[cls] = type(f"Packed{cls.__name__}", (cls, PackedLinear), {})
-            module.__class__ = _PACKED_CLASSES[cls]
+            swap_class(module, (type(module), PackedLinear), f"Packed{type(module).__name__}")
             count += 1
     return count
 
 
 METHOD_CLASSES = "b2t_fairseq.modules.connections"
-_PACKED_CLASSES = {}
