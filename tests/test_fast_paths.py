@@ -321,3 +321,45 @@ def test_reordering_an_encoder_output_copies_only_when_rows_change_sentence(data
     smaller = model.encoder.reorder_encoder_out(ours, shrink)
     assert torch.equal(smaller["encoder_out"][0], theirs["encoder_out"][0][:, shrink])
     assert torch.equal(smaller["encoder_padding_mask"][0], theirs["encoder_padding_mask"][0][shrink])
+
+
+# ------------------------------------------------------------------- the decoder's reordering of a search
+def test_decoder_skips_an_order_that_keeps_every_row_and_applies_every_other(data_dir):
+    """The decoder's reorder_incremental_state_scripting against fairseq's, step by step (our prepared model against
+    the same weights unprepared, reordered by fairseq's FairseqIncrementalDecoder method): an order that leaves every
+    row where it is changes nothing and is skipped (the saved keys stay the same tensors, no order is noted); a
+    permutation, an order that drops rows (arange over fewer rows: not the identity) and a repeat are applied. Then
+    a greedy search (beam 1: identity orders while no sentence has finished, then rows dropped) gives fairseq's
+    hypotheses."""
+    from fairseq.models import FairseqIncrementalDecoder
+
+    from b2t_fairseq.fast_paths.kv_cache import ORDER
+
+    argv = ["--arch", "transformer_b2t", "--connection", "b2t", "--encoder-layers", "2", "--decoder-layers", "2",
+            *DIMS]  # fmt: skip
+    fast, reference, tk = _twins(data_dir, argv)
+    src, lengths, prev = batch(tk.source_dictionary, bsz=3, tgt_len=8)
+    orders = {2: torch.arange(3), 3: torch.tensor([2, 0, 1]), 4: torch.arange(3), 5: torch.arange(2),
+              6: torch.tensor([0, 0])}  # fmt: skip
+    self_attention = fast.decoder.layers[0].self_attn
+    with torch.no_grad():
+        enc_fast, enc_ref = fast.encoder(src, lengths), reference.encoder(src, lengths)
+        state_fast, state_ref, rows = {}, {}, torch.arange(3)
+        for t in range(prev.size(1)):
+            order = orders.get(t)
+            if order is not None:
+                before = dict(self_attention._get_input_buffer(state_fast))
+                fast.decoder.reorder_incremental_state_scripting(state_fast, order)
+                FairseqIncrementalDecoder.reorder_incremental_state_scripting(reference.decoder, state_ref, order)
+                saved = self_attention._get_input_buffer(state_fast)
+                skipped = order.numel() == rows.numel() and torch.equal(order, torch.arange(rows.numel()))
+                assert (ORDER not in saved and saved["prev_key"] is before["prev_key"]) == skipped, t
+                enc_fast = fast.encoder.reorder_encoder_out(enc_fast, order)
+                enc_ref = reference.encoder.reorder_encoder_out(enc_ref, order)
+                rows = rows.index_select(0, order)
+            tokens = prev.index_select(0, rows)[:, : t + 1]
+            out = fast.decoder(tokens, enc_fast, incremental_state=state_fast)[0]
+            ref = reference.decoder(tokens, enc_ref, incremental_state=state_ref)[0]
+            torch.testing.assert_close(out, ref, **TOL)
+    _assert_same_hypotheses(_beam_search(fast, tk, src, lengths, beam=1, max_len=12),
+                            _beam_search(reference, tk, src, lengths, beam=1, max_len=12))  # fmt: skip

@@ -29,6 +29,7 @@ class FastDecoding:
             logger.info(f"{packed} float32 Linear layers packed for oneDNN (used on the CPU; B2T_PACKED_LINEARS=off "
                         "switches it off)")
         fast_incremental_attention(self)
+        self.decoder.__dict__.pop("_b2t_reordering", None)  # the decoder finds its reordering modules anew
 
     def set_beam_size(self, beam_size):
         """fairseq's SequenceGenerator calls this before a search when a model has it (fairseq's BART does): the

@@ -116,6 +116,14 @@ class ConnectedEncoderLoop(_LayerCalls):
 
 
 ROW_SOURCE = "b2t_row_source"
+# the rows of a decoder's last incremental step, as the identity order over them (reorder_incremental_state_scripting)
+ROWS = "b2t_decoder_rows"
+
+
+def _note_rows(incremental_state: Dict[str, Dict[str, Optional[Tensor]]], rows: int, device):
+    noted = incremental_state.get(ROWS, {}).get("rows")
+    if noted is None or noted.numel() != rows or noted.device != device:
+        incremental_state[ROWS] = {"rows": torch.arange(rows, device=device)}
 
 
 def _wrap_layer(layer, cfg):
@@ -208,6 +216,7 @@ class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
             x = self._embed(prev_output_tokens, incremental_state)
         if incremental_state is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
+            _note_rows(incremental_state, prev_output_tokens.size(0), prev_output_tokens.device)
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
         enc: Optional[Tensor] = None
@@ -256,6 +265,24 @@ class B2TTransformerDecoder(_LayerCalls, TransformerDecoderBase):
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
         return x, {"attn": [attn], "inner_states": inner_states}
+
+    def reorder_incremental_state_scripting(self, incremental_state: Dict[str, Dict[str, Optional[Tensor]]],
+                                            new_order: Tensor):  # fmt: skip
+        """fairseq's entry point for a search's reordering (each module that keeps incremental state reorders it),
+        with two savings at every step of a search: an order that leaves every row where it is (beam 1 while no
+        sentence has finished) changes nothing and is skipped, and the modules that reorder are found once, not by
+        walking every module of the decoder."""
+        rows = incremental_state.get(ROWS, {}).get("rows")
+        if rows is not None and rows.numel() == new_order.numel() and torch.equal(rows, new_order):
+            return
+        modules = self.__dict__.get("_b2t_reordering")
+        if modules is None:
+            modules = [m for m in self.modules() if hasattr(m, "reorder_incremental_state")]
+            self.__dict__["_b2t_reordering"] = modules
+        for module in modules:
+            result = module.reorder_incremental_state(incremental_state, new_order)
+            if result is not None:
+                incremental_state = result
 
     def _embed(self, prev_output_tokens, incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]]):
         """Token and position embeddings of the decoder input (the last position when decoding step by step),
