@@ -259,12 +259,12 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
             assert torch.equal(saved_ours["prev_value"], saved_theirs["prev_value"]), step
 
 
-@pytest.mark.parametrize("beam", [4, 1])
-def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam):
+@pytest.mark.parametrize("beam, padded", [(4, True), (1, True), (4, False)])
+def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam, padded):
     """The steps after the first of a beam-shared cross-attention (kv_cache.SharedCrossAttention) against
-    fairseq's own beam_size path (einsum; beam 1: its bmm path), with a padded source: the same outputs and
-    attention weights (averaged over the heads, and per head: what the decoder's alignment layer asks for at every
-    step)."""
+    fairseq's own beam_size path (einsum; beam 1: its bmm path), with a padded source and with a mask that marks
+    nothing (which ours skips): the same outputs and attention weights (averaged over the heads, and per head: what
+    the decoder's alignment layer asks for at every step)."""
     from b2t_fairseq.fast_paths.kv_cache import fast_incremental_attention
 
     torch.manual_seed(0)
@@ -277,7 +277,7 @@ def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam):
     sentences, src_len = 3, 7
     encoder_out = torch.randn(src_len, sentences, 16).repeat_interleave(beam, dim=1)
     padding = torch.zeros(sentences, src_len, dtype=torch.bool)
-    padding[1, -2:] = True
+    padding[1, -2:] = padded
     padding = padding.repeat_interleave(beam, dim=0)
     states = {}, {}
     fairseqs, on_fairseqs_path = MultiheadAttention.forward, []

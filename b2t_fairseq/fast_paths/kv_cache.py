@@ -132,7 +132,7 @@ class SharedCrossAttention:
         v = saved["prev_value"].view(sentences * heads, src_len, head_dim)
         weights = torch.bmm(q, k.transpose(1, 2))
         mask = saved.get("prev_key_padding_mask")
-        if mask is not None:
+        if mask is not None and _has_padding(self, mask):
             weights = weights.view(sentences, heads, beam, src_len).masked_fill(
                 mask.view(sentences, 1, 1, src_len).to(torch.bool), float("-inf")
             ).view(sentences * heads, beam, src_len)
@@ -145,6 +145,16 @@ class SharedCrossAttention:
         # fairseq's attention weights: heads x bsz x 1 x src_len, or their mean over the heads
         per_head = probs_float.view(sentences, heads, beam, src_len).permute(1, 0, 2, 3).reshape(heads, bsz, 1, src_len)
         return attn, per_head if need_head_weights else per_head.mean(dim=0)
+
+
+def _has_padding(attention, mask: Tensor) -> bool:
+    """Whether ``mask`` (a saved encoder padding mask) marks any position, looked at once per mask (a decode keeps
+    one mask object from step to step): fairseq's encoder gives a mask even where no source is padded, and masking
+    with it changes nothing but costs a pass over the scores at every step."""
+    known = attention.__dict__.get("b2t_padding_of")
+    if known is None or known[0] is not mask:
+        known = attention.__dict__["b2t_padding_of"] = (mask, bool(mask.any()))
+    return known[1]
 
 
 def _plain_sparse_mask():
