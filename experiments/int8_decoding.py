@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from b2t_fairseq.safety import atomic  # noqa: E402
-from b2t_fairseq.tools.pipeline import as_flags  # noqa: E402
+from b2t_fairseq.tools.pipeline import as_flags, find_corpus  # noqa: E402
 
 # name: (--int8-decoding scope, Linear layers left float32 by name ending, or None for the option's own choice)
 VARIANTS = {"float32": (None, None), "int8-decoder": ("decoder", None), "int8-all": ("all", None),
@@ -47,7 +47,9 @@ def demo_facts(work):
     facts, scored = json.loads(pipeline.read_text()), json.loads(result.read_text())
     config = facts["config"]
     if facts.get("data"):
-        reference, remove_bpe = Path(f"{facts['data']}test.{facts['tgt']}"), "sentencepiece"
+        # the pipeline records a corpus directory without its trailing slash: find_corpus gives the file prefix
+        prefix, _, tgt = find_corpus(facts["data"], facts["src"], facts["tgt"])
+        reference, remove_bpe = Path(f"{prefix}test.{tgt}"), "sentencepiece"
     else:
         reference, remove_bpe = work / "raw" / "test.tgt", "none"
     return Path(scored["checkpoint"]), work / "data-bin", config.get("generate", {}), reference, remove_bpe, scored

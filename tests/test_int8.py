@@ -159,3 +159,33 @@ def test_every_method_decodes_with_int8_layers(data_dir, connection):
     with torch.no_grad():
         hyps = gen.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}})
     assert len(hyps) == 3 and all(len(h) == 2 for h in hyps)
+
+
+@pytest.mark.parametrize("given", ["corpus", "corpus/", "corpus/news-"])
+def test_int8_experiment_finds_the_references_of_a_real_data_demo(tmp_path, given):
+    """experiments/int8_decoding.py scores against the test references of the corpus the demo was made from: the
+    pipeline records a corpus directory without its trailing slash (it did not find demo-out/real's references)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("int8_decoding", REPO / "experiments" / "int8_decoding.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    name = "news-" if given.endswith("news-") else ""
+    for split in ("train", "valid", "test"):
+        for lang in ("en", "de"):
+            (corpus / f"{name}{split}.{lang}").write_text("a\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    from b2t_fairseq.tools.pipeline import find_corpus
+
+    recorded = str(Path(find_corpus(tmp_path / given, "en", "de")[0]).resolve())  # as the pipeline records it
+    (work / "pipeline.json").write_text(json.dumps({"config": {}, "data": recorded, "src": "en", "tgt": "de"}))
+    (work / "result.json").write_text(json.dumps({"checkpoint": str(work / "checkpoint.pt")}))
+    reference, remove_bpe = experiment.demo_facts(work)[3:5]
+    assert reference == corpus / f"{name}test.de" and reference.is_file() and remove_bpe == "sentencepiece"
