@@ -5,7 +5,7 @@ Importing this package (``--user-dir b2t_fairseq``) registers the models and arc
 import os
 
 from b2t_fairseq import options
-from b2t_fairseq.compat import checkpoints, distributed, numpy2
+from b2t_fairseq.compat import background_threads, checkpoints, distributed, numpy2
 from b2t_fairseq.safety import errors, preemption, runs
 
 
@@ -28,6 +28,7 @@ _answer_to_fairseqs_spellings()
 checkpoints.allow_fairseq_checkpoints()
 numpy2.install()
 distributed.install()
+background_threads.install()
 errors.install_excepthook()
 runs.install()
 preemption.install()
