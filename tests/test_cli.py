@@ -257,8 +257,8 @@ print("finished", flush=True)
 
 def test_a_run_that_ends_while_fairseq_still_loads_batches_exits_cleanly(tmp_path):
     """fairseq's BufferedIterator keeps making batches in a daemon thread; a run that ends while that thread is in
-    torch aborted at interpreter exit (status 134, "terminate called without an active exception"; 1 in 10 to
-    1 in 150 runs of a small LM fairseq-train with --max-update, 8 of 8 runs of this script without the plugin). The plugin parks the
+    torch aborted at interpreter exit (status 134, "terminate called without an active exception"; now and
+    then for a short LM fairseq-train with --max-update, nearly always for this script without the plugin). The plugin parks the
     thread first (compat/background_threads.py): every run exits 0."""
     script = tmp_path / "exit_while_loading.py"
     script.write_text(_EXIT_WHILE_LOADING)

@@ -8,7 +8,7 @@ step) and then appends the new step's with ``torch.cat`` (a second copy). Here a
 longer tensor, whose last position then takes the new key and value: one copy per step. The saved state keeps
 fairseq's format (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, contiguous) and attention runs
 fairseq's matrix products on the same numbers, so the results are fairseq's. (Preallocated buffers with room
-to grow were measured too: batched products over their strided rows ran 2-3x slower than the copy they save.)
+to grow were tried twice: their batched products over strided rows are slower, and a whole decode gained nothing.)
 
 Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' attention modules; the class of each
 is swapped (parameters, names and state dicts unchanged). A call the fast path does not cover (training, full
