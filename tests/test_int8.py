@@ -8,7 +8,8 @@ import torch
 
 import b2t_fairseq.modules
 
-from b2t_fairseq.fast_paths.int8 import FullRangeLinear, Int8Product, full_range_activations
+from b2t_fairseq.fast_paths import int8
+from b2t_fairseq.fast_paths.int8 import FullRangeLinear, Int8Linear, Int8Product, full_range_activations
 from b2t_fairseq.fast_paths.packed_linear import PackedLinear
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 
@@ -94,6 +95,36 @@ def test_full_range_activations_halve_the_error_of_torchs_dynamic_linear():
         ref = linear(x)
         errors = [((m(x) - ref).norm() / ref.norm()).item() for m in (torchs, ours)]
     assert 0 < errors[1] < 0.6 * errors[0], errors
+
+
+def test_int8_products_go_through_torchscript_and_give_torchs_numbers(monkeypatch):
+    """int8.int8_product: the packed weights reach the operator through a TorchScript function (the slow hand-over
+    from Python skipped), with torch's own dynamic Linear's numbers; without TorchScript, the same numbers from
+    Python."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    assert isinstance(int8.int8_product, torch.jit.ScriptFunction)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    x = torch.randn(2, 7, 48)
+    torchs = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig})[0]
+    ours = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear: per_channel_dynamic_qconfig})[0]
+    ours.__class__ = Int8Linear
+    packed = ours._packed_params._packed_params
+    with torch.no_grad():
+        assert torch.equal(ours(x), torchs(x))  # torch's 7-bit activations, as its own module
+        for reduce_range in (True, False):
+            expected = torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+            assert torch.equal(int8.int8_product(x, packed, reduce_range), expected)
+
+    def no_torchscript(fn):
+        raise RuntimeError("TorchScript is gone")
+
+    monkeypatch.setattr(torch.jit, "script", no_torchscript)
+    fallback = int8._compiled_product()
+    assert fallback is int8._int8_product
+    with torch.no_grad():
+        assert torch.equal(fallback(x, packed, True), torchs(x))
 
 
 def test_fused_int8_self_attention_projections_give_the_same_numbers(data_dir):

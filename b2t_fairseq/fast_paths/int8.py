@@ -13,10 +13,11 @@ PyTorch's fused kernel in full-sequence self-attention; quantized projections ha
 so their attention modules take fairseq's own path (the one incremental decoding always takes).
 """
 import logging
+import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from b2t_fairseq.fast_paths.classes import swap_class
 from b2t_fairseq.safety.errors import B2TConfigError
@@ -41,11 +42,43 @@ def full_range_activations() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-class FullRangeLinear(torch.ao.nn.quantized.dynamic.Linear):
-    """torch's dynamic int8 Linear with activations quantized to the full 8 bits (see full_range_activations)."""
+def _int8_product(x: Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, reduce_range: bool) -> Tensor:
+    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range).to(x.dtype)
+
+
+def _compiled_product():
+    """``_int8_product`` as a TorchScript function. Handing torch's packed int8 weights (a TorchScript class object)
+    from Python to an operator costs about 10 microseconds a call, whichever way the operator is called (its
+    overload packet, the overload, even the object's own ``unpack``), more than the product itself at beam 1
+    and d512 (benchmarks/RESULTS.md); a TorchScript function takes the object for a few microseconds. It is the
+    same operator on the same arguments, so the same numbers (tests/test_int8.py). torch marks TorchScript
+    deprecated: where ``torch.jit.script`` is gone or fails, the product is called from Python as before."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(_int8_product)
+    except Exception as error:  # a torch without TorchScript: the same product, called from Python
+        logger.info(f"int8 products are called from Python (TorchScript unavailable: {error})")
+        return _int8_product
+
+
+int8_product = _compiled_product()
+
+
+class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """torch's dynamic int8 Linear (activations quantized to 7 bits, torch's ``reduce_range``), its product called
+    through ``int8_product``."""
+
+    reduce_range = True
 
     def forward(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, False).to(x.dtype)
+        return int8_product(x, self._packed_params._packed_params, self.reduce_range)
+
+
+class FullRangeLinear(Int8Linear):
+    """Activations quantized to the full 8 bits (see full_range_activations)."""
+
+    reduce_range = False
 
 
 def quantize_for_cpu_decoding(model, scope):
@@ -81,9 +114,8 @@ def quantize_for_cpu_decoding(model, scope):
     modules = list(map(model.get_submodule, targets))
     quantized = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     full_range = full_range_activations()
-    if full_range:
-        for module in quantized:
-            module.__class__ = FullRangeLinear
+    for module in quantized:
+        module.__class__ = FullRangeLinear if full_range else Int8Linear
     for module in modules:
         if type(module) is not nn.Linear and isinstance(module, nn.Linear):
             _int8_product_under(module, per_channel_dynamic_qconfig, full_range)
@@ -103,7 +135,7 @@ class Int8Product(nn.Linear):
     input norm, before its head norm): the int8 product of ``b2t_int8``, the packed weight."""
 
     def forward(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.b2t_int8, not self.b2t_full_range).to(x.dtype)
+        return int8_product(x, self.b2t_int8, not self.b2t_full_range)
 
 
 def _int8_product_under(module, qconfig, full_range):
@@ -136,7 +168,7 @@ class FusedProjections:
         self.reduce_range = reduce_range
 
     def __call__(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range).to(x.dtype).chunk(3, dim=-1)
+        return int8_product(x, self.packed, self.reduce_range).chunk(3, dim=-1)
 
 
 def fuse_self_attention_projections(decoder) -> int:
@@ -149,7 +181,7 @@ def fuse_self_attention_projections(decoder) -> int:
         if isinstance(module, MultiheadAttention) and module.self_attention:
             projections = (module.q_proj, module.k_proj, module.v_proj)
             kinds = {type(m) for m in projections}
-            if len(kinds) == 1 and kinds <= {FullRangeLinear, torch.ao.nn.quantized.dynamic.Linear}:
-                module.b2t_qkv = FusedProjections(projections, reduce_range=FullRangeLinear not in kinds)
+            if len(kinds) == 1 and kinds <= {FullRangeLinear, Int8Linear}:
+                module.b2t_qkv = FusedProjections(projections, reduce_range=kinds.pop().reduce_range)
                 count += 1
     return count
