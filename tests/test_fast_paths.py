@@ -223,10 +223,12 @@ def test_prepared_model_decodes_as_the_reference_path_with_a_norm_type(data_dir,
 
 # ------------------------------------------------------------------- self-attention keys copied once a step
 def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_fallbacks():
-    """The one-copy path (kv_cache.py) against fairseq's own incremental attention, call by call: 30 steps with a
-    beam reordering before most (two in a row once), the batch shrinking (finished sentences), a step with a
-    padding mask (fairseq's path from then on, the noted order applied first)."""
-    from b2t_fairseq.fast_paths.kv_cache import ORDER, fast_incremental_attention
+    """The buffered path (kv_cache.py) against fairseq's own incremental attention, call by call: 45 steps (the
+    buffer outgrows its first room of 32) with a beam reordering before most (two in a row once), the batch
+    shrinking (finished sentences) and once growing past the first step's rows, then a step with a padding mask (fairseq's path from then on,
+    the noted order applied first). Between those, the keys stay in one buffer: a step writes the rows its order
+    changes and the new step, not every earlier step."""
+    from b2t_fairseq.fast_paths.kv_cache import FIRST_ROOM, KEY_ROOM, ORDER, fast_incremental_attention
 
     torch.manual_seed(0)
     ours, theirs = MultiheadAttention(16, 4, self_attention=True), MultiheadAttention(16, 4, self_attention=True)
@@ -236,27 +238,38 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
     holder.decoder.attn = ours
     assert fast_incremental_attention(holder) == 1 and type(ours).__name__ == "CachedMultiheadAttention"
     ours.eval(), theirs.eval()
-    state_ours, state_theirs, bsz = {}, {}, 6
+    state_ours, state_theirs, bsz, rooms = {}, {}, 6, []
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for step in range(30):
+        for step in range(45):
             for _ in range(2 if step == 5 else 1 if step else 0):
                 if step in (3, 20):  # sentences finished: the search drops their rows
                     order = torch.randperm(bsz, generator=g)[: bsz - 2]
                     bsz -= 2
+                elif step == 10:  # more rows than the buffer has (fairseq's reordering allows it)
+                    order = torch.randint(0, bsz, (bsz + 5,), generator=g)
+                    bsz += 5
                 else:
                     order = torch.randint(0, bsz, (bsz,), generator=g)
                 ours.reorder_incremental_state(state_ours, order)
                 theirs.reorder_incremental_state(state_theirs, order)
-                assert ORDER in ours._get_input_buffer(state_ours) or step >= 12  # noted, not applied
+                assert ORDER in ours._get_input_buffer(state_ours) or step > 40  # noted, not applied
             x = torch.randn(1, bsz, 16, generator=g)
-            mask = torch.zeros(bsz, step + 1, dtype=torch.bool) if step == 12 else None  # a padded step
+            mask = torch.zeros(bsz, step + 1, dtype=torch.bool) if step == 40 else None  # a padded step
             out = ours(x, x, x, key_padding_mask=mask, incremental_state=state_ours, need_weights=False)[0]
             ref = theirs(x, x, x, key_padding_mask=mask, incremental_state=state_theirs, need_weights=False)[0]
             assert torch.equal(out, ref), step  # the same products on the same numbers
             saved_ours, saved_theirs = ours._get_input_buffer(state_ours), theirs._get_input_buffer(state_theirs)
             assert torch.equal(saved_ours["prev_key"], saved_theirs["prev_key"]), step
             assert torch.equal(saved_ours["prev_value"], saved_theirs["prev_value"]), step
+            room = saved_ours.get(KEY_ROOM)
+            rooms.append(None if room is None else room.data_ptr())
+            if room is not None:
+                assert saved_ours["prev_key"].data_ptr() == room.data_ptr(), step
+    # a new buffer when the rows outgrew it (step 10) and when the first room of FIRST_ROOM steps was full (at the step
+    # that needs one more), none from fairseq's path on (40); the same buffer at every other step
+    new_buffer = [t for t in range(1, 45) if rooms[t] != rooms[t - 1]]
+    assert new_buffer == [10, FIRST_ROOM, 40] and rooms[40:] == [None] * 5, new_buffer
 
 
 @pytest.mark.parametrize("beam, padded", [(4, True), (1, True), (4, False)])

@@ -1,14 +1,17 @@
-"""Decoder attention for incremental decoding: self-attention that copies its saved keys and values once per step,
-not twice, and cross-attention that attends to the saved encoder keys with two batched products and no Python
-around them (see SharedCrossAttention).
+"""Decoder attention for incremental decoding: self-attention whose saved keys and values live in a buffer with
+room for later steps, and cross-attention that attends to the saved encoder keys with two batched products and
+no Python around them (see SharedCrossAttention).
 
 fairseq's attention reorders the saved keys and values for the beams with ``index_select`` (a copy of every earlier
-step) and then appends the new step's with ``torch.cat`` (a second copy). Here a beam reordering is only noted
-(``reorder_incremental_state``) and applied at the next step by ``index_select`` straight into the new, one step
-longer tensor, whose last position then takes the new key and value: one copy per step. The saved state keeps
-fairseq's format (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, contiguous) and attention runs
-fairseq's matrix products on the same numbers, so the results are fairseq's. (Preallocated buffers with room
-to grow were tried twice: their batched products over strided rows are slower, and a whole decode gained nothing.)
+step) and then appends the new step's with ``torch.cat`` (a second copy): two passes over the whole cache at every
+step, which at beam 4 and d512 cost more than the decoder's int8 products once the caches outgrow the CPU's
+caches. Here a beam reordering is only noted (``reorder_incremental_state``) and applied at the next step in place,
+to the rows it changes (at beam 1 none until a sentence ends), and
+the new step is written after the earlier ones (``_one_step_longer``). The saved state keeps fairseq's names and
+shape (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, now views of the buffer) and attention runs
+fairseq's matrix products on the same numbers, so the results are fairseq's (tests/test_fast_paths.py compares
+them bitwise). The buffer is step-major: a rows x heads x capacity x head_dim one made torch's batched products
+several times slower (why it lost twice before), the step-major one keeps them as fast as on contiguous keys.
 
 Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' attention modules; the class of each
 is swapped (parameters, names and state dicts unchanged). A call the fast path does not cover (training, full
@@ -53,8 +56,9 @@ class CachedSelfAttention:
             q, k, v = self.q_proj(query), self.k_proj(query), self.v_proj(query)
         q = q * self.scaling
         order = saved.pop(ORDER, None)
-        saved["prev_key"] = k = _one_step_longer(saved.get("prev_key"), order, k.view(bsz, heads, 1, head_dim))
-        saved["prev_value"] = v = _one_step_longer(saved.get("prev_value"), order, v.view(bsz, heads, 1, head_dim))
+        for name, room, new in (("prev_key", KEY_ROOM, k), ("prev_value", VALUE_ROOM, v)):
+            _one_step_longer(incremental_state, saved, name, room, order, new.view(bsz, heads, head_dim))
+        k, v = saved["prev_key"], saved["prev_value"]
         saved["prev_key_padding_mask"] = None
         self._set_input_buffer(incremental_state, saved)
         steps = k.size(2)
@@ -78,24 +82,71 @@ class CachedSelfAttention:
         for name in ("prev_key", "prev_value", "prev_key_padding_mask"):
             if saved.get(name) is not None:
                 saved[name] = saved[name].index_select(0, order)
+        saved.pop(KEY_ROOM, None), saved.pop(VALUE_ROOM, None)  # fairseq's path appends by copying from here on
         self._set_input_buffer(incremental_state, saved)
 
 
-def _one_step_longer(saved: Optional[Tensor], order: Optional[Tensor], new: Tensor) -> Tensor:
-    """``saved`` (bsz x heads x steps x head_dim) in beam ``order`` with ``new`` appended along the steps: fairseq's
-    index_select and cat, in one copy."""
-    if saved is None:
-        return new.contiguous()
-    rows, steps = new.size(0), saved.size(2)
-    if order is not None and order.numel() != rows or order is None and saved.size(0) != rows:
-        raise RuntimeError(f"cached self-attention: {saved.size(0)} rows saved, {rows} in this step")
-    out = new.new_empty(rows, new.size(1), steps + 1, new.size(3))
-    if order is None:
-        out[:, :, :steps] = saved
-    else:
-        torch.index_select(saved, 0, order, out=out[:, :, :steps])
-    out[:, :, steps:] = new
-    return out
+KEY_ROOM, VALUE_ROOM = "b2t_key_room", "b2t_value_room"  # the buffers that prev_key and prev_value are views of
+MOVES = "b2t_moved_rows"  # of the last order: which rows it changes, shared by the decoder's layers
+FIRST_ROOM = 32  # steps a new buffer holds; each full buffer is replaced by one twice as long
+
+
+def _moves(incremental_state, order: Tensor):
+    """(rows that ``order`` changes, the rows they take), computed once per order for all the decoder's layers
+    (fairseq's search hands each layer the same order tensor)."""
+    known = incremental_state.get(MOVES)
+    if known is not None and known["order"] is order:
+        return known["to"], known["from"]
+    to = (order != torch.arange(order.numel(), device=order.device)).nonzero().squeeze(1)
+    taken = order.index_select(0, to)
+    incremental_state[MOVES] = {"order": order, "to": to, "from": taken}
+    return to, taken
+
+
+def _one_step_longer(incremental_state, saved: Dict[str, Optional[Tensor]], name: str, room_name: str,
+                     order: Optional[Tensor], new: Tensor):  # fmt: skip
+    """``saved[name]`` (rows x heads x steps x head_dim) in beam ``order`` with ``new`` (rows x heads x head_dim)
+    appended along the steps, as fairseq's index_select and cat compute it, but kept in a buffer with room for
+    later steps (``saved[room_name]``: capacity x rows x heads x head_dim, step-major), of which ``saved[name]`` is
+    a view in fairseq's shape. A step writes only the rows the order changes and the new step; a full buffer is
+    replaced by one twice as long; a tensor that is not a view of the buffer (a first step; fairseq's path or a
+    restored state put it there) is copied into a new one.
+
+    Step-major, so that a step's keys are one contiguous block and each (row, head)'s keys a matrix with unit
+    stride along head_dim: torch's batched products run on such views as fast as on contiguous tensors and give
+    the same numbers (a rows x heads x capacity x head_dim buffer made them several times slower)."""
+    prev, room, rows = saved.get(name), saved.get(room_name), new.size(0)
+    if (order.numel() if order is not None else rows if prev is None else prev.size(0)) != rows:
+        raise RuntimeError(f"cached self-attention: {rows} rows in this step, {prev.size(0)} saved")
+    steps = 0 if prev is None else prev.size(2)
+    in_room = (
+        prev is not None and room is not None and prev.data_ptr() == room.data_ptr()
+        and prev.stride() == _view_strides(room) and rows <= room.size(1)
+    )  # fmt: skip
+    if not in_room:
+        room = None
+        if order is not None and prev is not None:
+            prev = prev.index_select(0, order)
+    elif order is not None:
+        moved, taken = _moves(incremental_state, order)
+        if moved.numel():
+            front = room[:steps]
+            front.index_copy_(1, moved, front.index_select(1, taken))
+    if room is None or steps == room.size(0):
+        bigger = new.new_empty(max(FIRST_ROOM, 2 * steps), rows if room is None else room.size(1), *new.shape[1:])
+        if room is not None:
+            bigger[:steps] = room[:steps]
+        elif prev is not None:
+            bigger[:steps, :rows] = prev.permute(2, 0, 1, 3)
+        room = bigger
+    room[steps, :rows] = new
+    saved[room_name] = room
+    saved[name] = room[: steps + 1, :rows].permute(1, 2, 0, 3)
+
+
+def _view_strides(room: Tensor):
+    """The strides of a rows x heads x steps x head_dim view of a step-major buffer."""
+    return room.stride(2) * room.size(2), room.stride(2), room.stride(0), 1
 
 
 class SharedCrossAttention:
