@@ -65,6 +65,9 @@ def parse_cli(argv=None):
     g.add_argument("--rounds", type=int, default=5)
     g.add_argument("--warmup", type=int, default=1, help="untimed batches per engine and beam")
     g.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads; default usable cores")
+    g.add_argument("--breakdown", action="store_true",
+                   help="also split each fairseq engine's time per decoder step into encoder, decoder and the rest "
+                        "(fairseq's search), in rounds of their own after the timed ones")  # fmt: skip
     g = p.add_argument_group("rows")
     g.add_argument("--connections", nargs="+", default=["post-ln", "b2t"], help="our exact rows")
     g.add_argument("--int8-modes", nargs="*", default=["decoder", "all"], help="--int8-decoding rows")
@@ -147,6 +150,30 @@ class FairseqEngine:
         if lengths != {self.gen_len + 1} or len(hypos) != len(src):
             raise RuntimeError(f"{self.name}: expected {self.gen_len} tokens + EOS per hypothesis, got {lengths}")
         return [sent[0]["tokens"][:-1].tolist() for sent in hypos]
+
+    def parts(self, batch, beam):
+        """Seconds for the encoder on ``batch`` and for the decoder alone over the L + 1 steps of a search of
+        ``beam`` (its rows: beam copies of each sentence's encoder output, as fairseq's search makes them; forced
+        random tokens, no reordering between steps; logits, not log-probabilities)."""
+        model, src = self.model, batch["tokens"]
+        rows = torch.arange(len(src)).repeat_interleave(beam)
+        tokens = torch.randint(4, len(self.task.target_dictionary), (len(rows), self.gen_len + 1),
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+        tokens[:, 0] = self.task.target_dictionary.eos()  # fairseq's first decoder input
+        if hasattr(model, "set_beam_size"):
+            model.set_beam_size(beam)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            encoder_out = model.encoder.forward_torchscript({"src_tokens": src,
+                                                             "src_lengths": torch.full((len(src),), src.size(1))})
+            t1 = time.perf_counter()
+            encoder_out = model.encoder.reorder_encoder_out(encoder_out, rows)
+            state = {}
+            t2 = time.perf_counter()
+            for step in range(self.gen_len + 1):
+                model.decoder(tokens[:, : step + 1], encoder_out, incremental_state=state)
+            t3 = time.perf_counter()
+        return t1 - t0, t3 - t2
 
 
 class CTranslate2Engine:
@@ -262,7 +289,7 @@ def run(cli):
         if "ctranslate2 float32" in checks:
             log(f"first-batch hypotheses equal to stock fairseq's: {checks}")
 
-        rates = {}
+        rates, breakdowns = {}, {}
         for beam in cli.beams:
             for e in engines:
                 for i in range(cli.warmup):
@@ -279,6 +306,8 @@ def run(cli):
                     # CTranslate2's threads are not this process's Python threads but are its CPU time all the same
                     others[e.name].append(other_cpu_share(wall, time.process_time() - c0, m0, machine_busy_s()))
                 log(f"  beam {beam} round {r + 1}/{cli.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
+            if cli.breakdown:
+                breakdowns[beam] = breakdown(cli, engines, batches, beam, per)
             rates[beam] = {
                 e.name: {"sentences_per_s": summary(per[e.name]),
                          "ratio_per_round": summary([x / y for x, y in zip(per[e.name], per[BASELINE])]),
@@ -298,7 +327,33 @@ def run(cli):
     runtime = time.perf_counter() - t_start
     env["others_cpu_share"] = other_cpu_share(runtime, time.process_time() - cpu_start, busy_start, machine_busy_s())
     config = {k: v for k, v in vars(cli).items() if k not in ("json", "results", "no_record")}
-    return {"environment": env, "config": config, "rates": rates, "same_tokens_as_stock": checks, "runtime_s": runtime}
+    return {"environment": env, "config": config, "rates": rates, "same_tokens_as_stock": checks, "runtime_s": runtime,
+            "breakdown_ms_per_step": breakdowns}
+
+
+def breakdown(cli, engines, batches, beam, per):
+    """Milliseconds per decoder step of each engine: in all (from the timed rounds' median), and for the fairseq
+    engines the encoder (its one call per batch spread over the steps), the decoder alone (``FairseqEngine.parts``)
+    and the rest: fairseq's search (log-probabilities, beam selection, bookkeeping) and the reordering of the
+    decoder's saved state between steps, which the decoder-alone loop does not do. Medians of ``cli.rounds``
+    alternating rounds over the same batches as the timed rounds."""
+    steps = cli.gen_len + 1
+    parts = {e.name: [] for e in engines if isinstance(e, FairseqEngine)}
+    for r in range(cli.rounds):
+        for e in engines:
+            if e.name in parts:
+                parts[e.name].append(e.parts(batches[r % len(batches)], beam))
+    out = {}
+    for e in engines:
+        total = 1e3 * cli.batch / summary(per[e.name])["median"] / steps
+        row = {"all": total}
+        if e.name in parts:
+            encoder = 1e3 * summary([p[0] for p in parts[e.name]])["median"] / steps
+            decoder = 1e3 * summary([p[1] for p in parts[e.name]])["median"] / steps
+            row.update(encoder=encoder, decoder=decoder, rest=total - encoder - decoder)
+        out[e.name] = row
+    log(f"  beam {beam} ms per step: " + ", ".join(f"{n} {v['all']:.2f}" for n, v in out.items()))
+    return out
 
 
 def markdown(report):
@@ -323,6 +378,15 @@ def markdown(report):
             same = report["same_tokens_as_stock"].get(name, "–")
             lines.append(f"| {name} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {ratio} | {same} |")
         lines.append("")
+        parts = report.get("breakdown_ms_per_step", {}).get(beam)
+        if parts:
+            lines += [f"Beam {beam}, milliseconds per decoder step (`--breakdown`; rest: fairseq's search and the "
+                      "reordering between steps):", "", "| engine | all | encoder | decoder alone | rest |",
+                      "|---|---:|---:|---:|---:|"]  # fmt: skip
+            for name, r in parts.items():
+                cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("all", "encoder", "decoder", "rest")]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
     noisy = [n for rows in report["rates"].values() for n, r in rows.items()
              if any(x is not None and x >= QUIET for x in r["others_cpu_share_per_round"])]  # fmt: skip
     if noisy:
