@@ -225,7 +225,7 @@ def test_prepared_model_decodes_as_the_reference_path_with_a_norm_type(data_dir,
 def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_fallbacks():
     """The buffered path (kv_cache.py) against fairseq's own incremental attention, call by call: 45 steps (the
     buffer outgrows its first room of 32) with a beam reordering before most (two in a row once), the batch
-    shrinking (finished sentences) and once growing past the first step's rows, then a step with a padding mask (fairseq's path from then on,
+    shrinking (finished sentences; once to under half the buffer's rows) and once growing past the first step's rows, then a step with a padding mask (fairseq's path from then on,
     the noted order applied first). Between those, the keys stay in one buffer: a step writes the rows its order
     changes and the new step, not every earlier step."""
     from b2t_fairseq.fast_paths.kv_cache import FIRST_ROOM, KEY_ROOM, ORDER, fast_incremental_attention
@@ -246,6 +246,9 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
                 if step in (3, 20):  # sentences finished: the search drops their rows
                     order = torch.randperm(bsz, generator=g)[: bsz - 2]
                     bsz -= 2
+                elif step == 35:  # fewer than half the buffer's rows left
+                    order = torch.randperm(bsz, generator=g)[:2]
+                    bsz = 2
                 elif step == 10:  # more rows than the buffer has (fairseq's reordering allows it)
                     order = torch.randint(0, bsz, (bsz + 5,), generator=g)
                     bsz += 5
@@ -266,10 +269,11 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
             rooms.append(None if room is None else room.data_ptr())
             if room is not None:
                 assert saved_ours["prev_key"].data_ptr() == room.data_ptr(), step
-    # a new buffer when the rows outgrew it (step 10) and when the first room of FIRST_ROOM steps was full (at the step
-    # that needs one more), none from fairseq's path on (40); the same buffer at every other step
+    # a new buffer when the rows outgrew it (step 10), when the first room of FIRST_ROOM steps was full (at the step
+    # that needs one more) and when fewer than half its rows were left (35), none from fairseq's path on (40); the
+    # same buffer at every other step
     new_buffer = [t for t in range(1, 45) if rooms[t] != rooms[t - 1]]
-    assert new_buffer == [10, FIRST_ROOM, 40] and rooms[40:] == [None] * 5, new_buffer
+    assert new_buffer == [10, FIRST_ROOM, 35, 40] and rooms[40:] == [None] * 5, new_buffer
 
 
 @pytest.mark.parametrize("beam, padded", [(4, True), (1, True), (4, False)])

@@ -110,7 +110,8 @@ def _one_step_longer(incremental_state, saved: Dict[str, Optional[Tensor]], name
     later steps (``saved[room_name]``: capacity x rows x heads x head_dim, step-major), of which ``saved[name]`` is
     a view in fairseq's shape. A step writes only the rows the order changes and the new step; a full buffer is
     replaced by one twice as long; a tensor that is not a view of the buffer (a first step; fairseq's path or a
-    restored state put it there) is copied into a new one.
+    restored state put it there), or rows more than the buffer holds or fewer than half of them (finished
+    sentences: the memory goes back), are copied into a new one.
 
     Step-major, so that a step's keys are one contiguous block and each (row, head)'s keys a matrix with unit
     stride along head_dim: torch's batched products run on such views as fast as on contiguous tensors and give
@@ -119,9 +120,10 @@ def _one_step_longer(incremental_state, saved: Dict[str, Optional[Tensor]], name
     if (order.numel() if order is not None else rows if prev is None else prev.size(0)) != rows:
         raise RuntimeError(f"cached self-attention: {rows} rows in this step, {prev.size(0)} saved")
     steps = 0 if prev is None else prev.size(2)
+    # (a buffer for more than twice the rows left is given up for a smaller one)
     in_room = (
         prev is not None and room is not None and prev.data_ptr() == room.data_ptr()
-        and prev.stride() == _view_strides(room) and rows <= room.size(1)
+        and prev.stride() == _view_strides(room) and room.size(1) // 2 < rows <= room.size(1)
     )  # fmt: skip
     if not in_room:
         room = None
