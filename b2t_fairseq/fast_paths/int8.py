@@ -42,7 +42,8 @@ def full_range_activations() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def _int8_product(x: Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, reduce_range: bool) -> Tensor:
+# the annotation is a string so that importing this module never asks torch for its quantized classes
+def _int8_product(x: Tensor, packed: "torch.classes.quantized.LinearPackedParamsBase", reduce_range: bool) -> Tensor:
     return torch.ops.quantized.linear_dynamic(x, packed, reduce_range).to(x.dtype)
 
 
