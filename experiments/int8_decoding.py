@@ -9,10 +9,12 @@ fairseq-generate exactly as the demo did (its checkpoint, data-bin and generate 
 the demo's scorer against the raw references, and times the decoding in alternating rounds (F D A F D A ...):
 the time fairseq-generate reports for translating ("Translated N sentences ... in Xs", model loading excluded).
 Results: WORK/int8/results.json, and a section appended to benchmarks/RESULTS.md (commit, machine, date).
-A rerun redoes only the rounds whose output is missing; outputs appear whole or not at all.
+A rerun redoes only the rounds whose output is missing, and only for the same checkpoint and plugin code (else it
+stops and says what to delete); outputs appear whole or not at all.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import platform
 import re
@@ -101,6 +103,31 @@ def hypotheses(out):
     return found
 
 
+def code_digest():
+    """A digest of the plugin's Python sources: what decodes (and quantizes) the model."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "b2t_fairseq").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def check_earlier_outputs(out_dir, checkpoint):
+    """Outputs of an earlier run are reused (a rerun redoes only the missing rounds) only where they came from the
+    same checkpoint and the same plugin code: a new `make demo`, or decoding code changed since (a new commit or
+    an uncommitted edit), would mix two runs in one table, so the run stops and says what to delete."""
+    stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime,
+             "size": checkpoint.stat().st_size, "code": code_digest()}  # fmt: skip
+    stamp_file = out_dir / "checkpoint.json"
+    if stamp_file.is_file():
+        earlier = json.loads(stamp_file.read_text())
+        if {k: earlier.get(k) for k in ("checkpoint", "mtime", "size")} != {k: stamp[k] for k in ("checkpoint", "mtime", "size")}:
+            sys.exit(f"int8_decoding: {out_dir} holds outputs of another checkpoint; delete {out_dir} and rerun")
+        if earlier.get("code") != stamp["code"]:
+            sys.exit(f"int8_decoding: {out_dir} holds outputs made with other b2t_fairseq code than this checkout's; "
+                     f"delete {out_dir} and rerun")  # fmt: skip
+    atomic.write_text(stamp_file, json.dumps(stamp) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="a finished make demo work dir (demo-out/toy, demo-out/real)")
@@ -112,12 +139,7 @@ def main(argv=None):
     checkpoint, data_bin, options, reference, remove_bpe, demo = demo_facts(args.work)
     out_dir = args.work / "int8"
     out_dir.mkdir(exist_ok=True)
-    # outputs of an earlier run are reused only for the same checkpoint (a new `make demo` would mix two models)
-    stamp = {"checkpoint": str(checkpoint.resolve()), "mtime": checkpoint.stat().st_mtime, "size": checkpoint.stat().st_size}
-    stamp_file = out_dir / "checkpoint.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
-        sys.exit(f"int8_decoding: {out_dir} holds outputs of another checkpoint; delete {out_dir} and rerun")
-    atomic.write_text(stamp_file, json.dumps(stamp) + "\n")
+    check_earlier_outputs(out_dir, checkpoint)
     times = {name: [] for name in VARIANTS}
     for r in range(1, args.rounds + 1):
         for name, (scope, keep) in VARIANTS.items():

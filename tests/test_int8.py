@@ -220,3 +220,30 @@ def test_int8_experiment_finds_the_references_of_a_real_data_demo(tmp_path, give
     (work / "result.json").write_text(json.dumps({"checkpoint": str(work / "checkpoint.pt")}))
     reference, remove_bpe = experiment.demo_facts(work)[3:5]
     assert reference == corpus / f"{name}test.de" and reference.is_file() and remove_bpe == "sentencepiece"
+
+
+def test_int8_experiment_reuses_outputs_only_of_the_same_checkpoint_and_code(tmp_path, monkeypatch):
+    """experiments/int8_decoding.py continues an interrupted run from the outputs it finds, but outputs made by
+    another checkpoint or other plugin code would mix two runs in one table (a rerun after a code change reused
+    every output and recorded the new commit beside the old numbers): it stops with one line saying what to
+    delete."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("int8_decoding", REPO / "experiments" / "int8_decoding.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    out_dir, checkpoint = tmp_path / "int8", tmp_path / "checkpoint.pt"
+    out_dir.mkdir()
+    checkpoint.write_bytes(b"weights")
+    experiment.check_earlier_outputs(out_dir, checkpoint)  # a first run stamps the directory
+    experiment.check_earlier_outputs(out_dir, checkpoint)  # the same checkpoint and code: continue
+    monkeypatch.setattr(experiment, "code_digest", lambda: "other code")
+    with pytest.raises(SystemExit, match=f"outputs made with other b2t_fairseq code.*delete {out_dir} and rerun"):
+        experiment.check_earlier_outputs(out_dir, checkpoint)
+    monkeypatch.undo()
+    checkpoint.write_bytes(b"retrained weights")
+    with pytest.raises(SystemExit, match=f"outputs of another checkpoint; delete {out_dir} and rerun"):
+        experiment.check_earlier_outputs(out_dir, checkpoint)
+    assert experiment.code_digest() == experiment.code_digest() != "other code"
