@@ -4,14 +4,14 @@ no Python around them (see SharedCrossAttention).
 
 fairseq's attention reorders the saved keys and values for the beams with ``index_select`` (a copy of every earlier
 step) and then appends the new step's with ``torch.cat`` (a second copy): two passes over the whole cache at every
-step, which at beam 4 and d512 cost more than the decoder's int8 products once the caches outgrow the CPU's
-caches. Here a beam reordering is only noted (``reorder_incremental_state``) and applied at the next step in place,
+step, a cost that grows with every step and with the beam. Here a beam reordering is only noted (``reorder_incremental_state``) and applied at the next step in place,
 to the rows it changes (at beam 1 none until a sentence ends), and
 the new step is written after the earlier ones (``_one_step_longer``). The saved state keeps fairseq's names and
 shape (``prev_key``/``prev_value``: bsz x heads x steps x head_dim, now views of the buffer) and attention runs
 fairseq's matrix products on the same numbers, so the results are fairseq's (tests/test_fast_paths.py compares
-them bitwise). The buffer is step-major: a rows x heads x capacity x head_dim one made torch's batched products
-several times slower (why it lost twice before), the step-major one keeps them as fast as on contiguous keys.
+them bitwise). The buffer is step-major: on views of a rows x heads x capacity x head_dim buffer torch's batched
+products ran 1.5-3x slower than on contiguous keys (why the idea lost twice before), on views of the step-major
+one 0.8-1.5x (benchmarks/bench_decoding_ops.py, RESULTS.md 2026-12-07).
 
 Installed by ``prepare_for_inference_`` (decoding.py) on the decoders' attention modules; the class of each
 is swapped (parameters, names and state dicts unchanged). A call the fast path does not cover (training, full
@@ -114,11 +114,12 @@ def _one_step_longer(incremental_state, saved: Dict[str, Optional[Tensor]], name
     sentences: the memory goes back), are copied into a new one.
 
     Step-major, so that a step's keys are one contiguous block and each (row, head)'s keys a matrix with unit
-    stride along head_dim: torch's batched products run on such views as fast as on contiguous tensors and give
-    the same numbers (a rows x heads x capacity x head_dim buffer made them several times slower)."""
+    stride along head_dim: torch's batched products give the same numbers on such views and run far closer to
+    their speed on contiguous keys than on views of a rows x heads x capacity x head_dim buffer (module docstring)."""
     prev, room, rows = saved.get(name), saved.get(room_name), new.size(0)
-    if (order.numel() if order is not None else rows if prev is None else prev.size(0)) != rows:
-        raise RuntimeError(f"cached self-attention: {rows} rows in this step, {prev.size(0)} saved")
+    expected = order.numel() if order is not None else rows if prev is None else prev.size(0)
+    if expected != rows:
+        raise RuntimeError(f"cached self-attention: {rows} rows in this step, {expected} expected")
     steps = 0 if prev is None else prev.size(2)
     # (a buffer for more than twice the rows left is given up for a smaller one)
     in_room = (
