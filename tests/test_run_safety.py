@@ -1,9 +1,13 @@
 """Nothing lost, nothing silently mixed (issue 9): damaged checkpoints, interrupted checkpoint copies, and runs
 whose identity changes, through fairseq's real entry points."""
+import io
 import os
+import random
 import shutil
+import warnings
 
 import pytest
+import torch
 
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, run
 
@@ -139,7 +143,9 @@ def test_damaged_checkpoint_last_names_the_file_and_the_fix(toy_corpus, b2t_run,
     save_dir = _copy_run(b2t_run, tmp_path)
     last = save_dir / "checkpoint_last.pt"
     data = last.read_bytes()
-    for damage, damaged in {"empty": b"", "truncated": data[: len(data) // 2], "random": os.urandom(4096)}.items():
+    # random bytes of seed 2 stop torch's unpickler with an IndexError (CI once drew such bytes from os.urandom)
+    damages = {"empty": b"", "truncated": data[: len(data) // 2], "random": random.Random(2).randbytes(4096)}
+    for damage, damaged in damages.items():
         last.write_bytes(damaged)
         proc = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3, check=False)
         line = _one_line_error(proc, str(last), "copy the newest intact one over it", "checkpoint")
@@ -149,6 +155,35 @@ def test_damaged_checkpoint_last_names_the_file_and_the_fix(toy_corpus, b2t_run,
     shutil.copyfile(save_dir / "checkpoint2.pt", last)
     resumed = _train(toy_corpus["data_bin"], save_dir, "--max-epoch", 3)
     assert "Loaded checkpoint" in resumed.stdout
+
+
+def test_any_unreadable_bytes_are_a_damaged_checkpoint(tmp_path):
+    """Bytes that are not a checkpoint fail wherever the unpickler misreads them, each with its own error type; every
+    one is the damaged-checkpoint line, in-process over 200 seeded files (the end-to-end test above tries one)."""
+    from fairseq import checkpoint_utils
+
+    from b2t_fairseq.safety.errors import B2TConfigError
+    from b2t_fairseq.safety.runs import _guarded_loader
+
+    fairseqs = getattr(checkpoint_utils.load_checkpoint_to_cpu, "__wrapped__", checkpoint_utils.load_checkpoint_to_cpu)
+    load = _guarded_loader(fairseqs)
+    (tmp_path / "checkpoint1.pt").write_bytes(b"an intact one, for the fix to name")
+    last = tmp_path / "checkpoint_last.pt"
+    torchs_errors = set()
+    for seed in range(200):
+        damaged = random.Random(seed).randbytes(4096)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the unknown pickle protocols it reads
+            with pytest.raises(Exception) as raw:
+                torch.load(io.BytesIO(damaged), map_location="cpu")
+            torchs_errors.add(type(raw.value).__name__)
+            last.write_bytes(damaged)
+            with pytest.raises(B2TConfigError) as err:
+                load(str(last))
+        assert f"cannot read checkpoint {last}" in str(err.value), seed
+        assert "copy the newest intact one over it" in str(err.value) and "checkpoint1.pt" in str(err.value), seed
+    # the seeds cover more than the unpickler's own error
+    assert {"UnpicklingError", "IndexError", "KeyError"} <= torchs_errors, torchs_errors
 
 
 def test_damaged_checkpoint_in_generate_and_average_is_one_line(toy_corpus, b2t_run, tmp_path):

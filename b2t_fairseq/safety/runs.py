@@ -15,7 +15,6 @@ writes checkpoints. Installed when the plugin is imported; each piece is narrow 
 """
 import logging
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -157,16 +156,15 @@ def damaged_checkpoint_error(path, exc):
     return B2TConfigError(f"cannot read checkpoint {path} ({what}: an interrupted write?); {fix}")
 
 
-_READ_ERRORS = (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, ValueError, UnicodeDecodeError)
-
-
 def _guarded_loader(original):
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         try:
             # overrides (fairseq-generate --model-overrides) are applied after the identity is read, so that one
             # that changes the method is seen as a change
             state = original(path, None, load_on_all_ranks)
-        except _READ_ERRORS as exc:
+        except Exception as exc:
+            # bytes that are not a checkpoint fail anywhere inside the unpickler, with whatever error the opcode
+            # it misread raises (UnpicklingError, EOFError, IndexError, KeyError, UnicodeDecodeError, ...)
             local = str(path)
             if not os.path.isfile(local) or zipfile.is_zipfile(local):
                 raise  # missing, or a whole archive that failed for another reason: fairseq's / torch's message
