@@ -6,6 +6,7 @@ import os
 
 from b2t_fairseq import options
 from b2t_fairseq.compat import background_threads, checkpoints, distributed, numpy2
+from b2t_fairseq.fast_paths import search
 from b2t_fairseq.safety import errors, preemption, runs
 
 
@@ -33,6 +34,7 @@ errors.install_excepthook()
 runs.install()
 preemption.install()
 options.install_shared_name_handling()
+search.install()
 
 # registers the models
 from b2t_fairseq.models import s2t_transformer_b2t, transformer_b2t, transformer_lm_b2t  # noqa: E402,F401
