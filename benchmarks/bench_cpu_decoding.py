@@ -67,7 +67,7 @@ def parse_cli(argv=None):
     g.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads; default usable cores")
     g.add_argument("--breakdown", action="store_true",
                    help="also split each fairseq engine's time per decoder step into encoder, decoder and the rest "
-                        "(fairseq's search), in rounds of their own after the timed ones")  # fmt: skip
+                        "(the search), in rounds of their own after the timed ones")  # fmt: skip
     g = p.add_argument_group("rows")
     g.add_argument("--connections", nargs="+", default=["post-ln", "b2t"], help="our exact rows")
     g.add_argument("--int8-modes", nargs="*", default=["decoder", "all"], help="--int8-decoding rows")
@@ -334,7 +334,8 @@ def run(cli):
 def breakdown(cli, engines, batches, beam, per):
     """Milliseconds per decoder step of each engine: in all (from the timed rounds' median), and for the fairseq
     engines the encoder (its one call per batch spread over the steps), the decoder alone (``FairseqEngine.parts``)
-    and the rest: fairseq's search (log-probabilities, beam selection, bookkeeping) and the reordering of the
+    and the rest: the search (log-probabilities, beam selection, bookkeeping: fairseq's loop for the stock model,
+    ours, fast_paths/search.py, for our models) and the reordering of the
     decoder's saved state between steps, which the decoder-alone loop does not do. Medians of ``cli.rounds``
     alternating rounds over the same batches as the timed rounds."""
     steps = cli.gen_len + 1
@@ -380,8 +381,8 @@ def markdown(report):
         lines.append("")
         parts = report.get("breakdown_ms_per_step", {}).get(beam)
         if parts:
-            lines += [f"Beam {beam}, milliseconds per decoder step (`--breakdown`; rest: fairseq's search and the "
-                      "reordering between steps):", "", "| engine | all | encoder | decoder alone | rest |",
+            lines += [f"Beam {beam}, milliseconds per decoder step (`--breakdown`; rest: the search, ours for our models, "
+                      "and the reordering between steps):", "", "| engine | all | encoder | decoder alone | rest |",
                       "|---|---:|---:|---:|---:|"]  # fmt: skip
             for name, r in parts.items():
                 cells = [f"{r[k]:.2f}" if k in r else "–" for k in ("all", "encoder", "decoder", "rest")]
