@@ -142,6 +142,19 @@ def test_what_it_leaves_to_fairseq(data_dir, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("value", ["2", "of", "", "fairseq"])
+def test_switch_refuses_other_values(data_dir, monkeypatch, value):
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from b2t_fairseq.safety.errors import B2TConfigError
+
+    model, tk = _model(data_dir)
+    monkeypatch.setenv(search.ENV, value)
+    gen = SequenceGenerator([model], tk.target_dictionary, beam_size=2, max_len_b=4)
+    with pytest.raises(B2TConfigError, match=f"B2T_FAST_SEARCH='{value}': use 0, false, off or no .* 1, true, on"):
+        gen.generate([model], _sample(tk, bsz=2))
+
+
 def test_fairseq_generate_prints_the_same_with_and_without_it(toy_corpus, tmp_path):
     """fairseq-generate on a toy model trained for two epochs, beam 4 with a length penalty, as users run
     it: every line it prints (hypotheses, scores, positional scores, BLEU) is the same with B2T_FAST_SEARCH=off."""

@@ -20,13 +20,11 @@ import torch
 from torch import nn
 
 from b2t_fairseq.fast_paths.classes import swap_class
-from b2t_fairseq.safety.errors import B2TConfigError
+from b2t_fairseq.fast_paths.switches import switched_on
 
 logger = logging.getLogger(__name__)
 
 SWITCH = "B2T_PACKED_LINEARS"
-_SWITCH_VALUES = {**dict.fromkeys(("0", "false", "off", "no"), False),
-                  **dict.fromkeys(("1", "true", "on", "yes"), True)}
 
 
 def packing_available() -> bool:
@@ -35,16 +33,7 @@ def packing_available() -> bool:
 
 def packing_switched_on() -> bool:
     """What B2T_PACKED_LINEARS says (on when unset)."""
-    raw = os.environ.get(SWITCH)
-    if raw is None:
-        return True
-    try:
-        return _SWITCH_VALUES[raw.strip().lower()]
-    except KeyError:
-        raise B2TConfigError(
-            f"{SWITCH}={raw!r}: use 0, false, off or no to switch the packed CPU Linear layers off, 1, true, on or "
-            "yes (the default) to keep them"
-        ) from None
+    return switched_on(SWITCH, "the packed CPU Linear layers")
 
 
 def packing_enabled() -> bool:

@@ -15,15 +15,16 @@ change (benchmarks/bench_cpu_decoding.py ``--breakdown``: "rest"):
 * the beams' tokens, scores and attention, the decoder's saved state and the encoder output are reordered only when
   the order changed (never at beam 1 until a sentence ends).
 
-``B2T_FAST_SEARCH=off`` leaves every search to fairseq.
+``B2T_FAST_SEARCH=off`` (0/false/no) leaves every search to fairseq.
 """
 import logging
 import math
-import os
 from typing import Dict, List
 
 import torch
 from torch import Tensor
+
+from b2t_fairseq.fast_paths.switches import switched_on
 
 ENV = "B2T_FAST_SEARCH"
 CHUNK = 64
@@ -60,7 +61,7 @@ def handles(generator, sample, prefix_tokens, constraints) -> bool:
 
     model = generator.model
     return (
-        os.environ.get(ENV, "on").lower() not in ("off", "0", "false", "no")
+        switched_on(ENV, "our beam search")
         and prefix_tokens is None
         and constraints is None
         and type(generator.search) is search.BeamSearch
