@@ -85,8 +85,8 @@ def test_beam_search_equals_fairseqs_loop(data_dir, options):
     assert len(lengths) > 1  # hypotheses of several lengths: EOS chosen at several steps, sentences left early
 
 
-@pytest.mark.parametrize("connection", ["post-ln", "dlcl", "realformer"])
-def test_beam_search_equals_fairseqs_loop_for_other_methods(data_dir, connection):
+@pytest.mark.parametrize("connection", sorted(set(b2t_fairseq.modules.CONNECTIONS) - {"b2t"}))
+def test_beam_search_equals_fairseqs_loop_for_every_other_method(data_dir, connection):
     model, tk = _model(data_dir, connection, seed=7)
     _assert_identical(*_both(model, tk, _sample(tk, bsz=4), beam_size=4, max_len_b=10))
 
