@@ -44,6 +44,7 @@ from bench_b2t_vs_transformer import (  # noqa: E402
 )  # fmt: skip
 
 BASELINE = "fairseq transformer"
+REFERENCE = "ctranslate2 int8"  # the bar: each engine's sentences/s over this row's, paired per round
 
 
 def parse_cli(argv=None):
@@ -314,6 +315,10 @@ def run(cli):
                          "others_cpu_share_per_round": others[e.name]}
                 for e in engines
             }  # fmt: skip
+            if REFERENCE in per:
+                for e in engines:
+                    rates[beam][e.name]["vs_ctranslate2_int8_per_round"] = summary(
+                        [x / y for x, y in zip(per[e.name], per[REFERENCE])])
     import fairseq
 
     env = {
@@ -370,13 +375,18 @@ def markdown(report):
              f"{cfg['batches_per_round']} batches of {cfg['batch']} sources of {cfg['src_len']} tokens, every "
              f"hypothesis forced to {cfg['gen_len']} tokens + EOS", ""]  # fmt: skip
     for beam, rows in report["rates"].items():
+        paired = REFERENCE in rows and "vs_ctranslate2_int8_per_round" in rows[REFERENCE]
         lines += [f"Beam {beam}:", "",
                   "| engine | sentences/s (median) | own min–max | × stock per round: median [min–max] | "
-                  "first batch = stock's tokens |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+                  + ("× CTranslate2 int8 per round | " if paired else "")
+                  + "first batch = stock's tokens |", "|---|---:|---:|---:|" + ("---:|" if paired else "") + "---:|"]  # fmt: skip
         for name, r in rows.items():
             s, q = r["sentences_per_s"], r["ratio_per_round"]
             ratio = "1" if name == BASELINE else f"**{q['median']:.2f}** [{q['min']:.2f}–{q['max']:.2f}]"
             same = report["same_tokens_as_stock"].get(name, "–")
+            if paired:
+                c = r["vs_ctranslate2_int8_per_round"]
+                ratio += " | 1" if name == REFERENCE else f" | {c['median']:.2f} [{c['min']:.2f}–{c['max']:.2f}]"
             lines.append(f"| {name} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {ratio} | {same} |")
         lines.append("")
         parts = report.get("breakdown_ms_per_step", {}).get(beam)

@@ -1,9 +1,10 @@
 """Beam search for our models with fewer and cheaper operations per step than fairseq's ``SequenceGenerator``.
 
 fairseq-generate, fairseq-interactive and the hub decode through ``SequenceGenerator._generate``; ``install``
-makes that method hand a search to :func:`beam_search` when every model of the ensemble is one of ours and the
-search is plain beam search (no prefix tokens, constraints, language-model fusion, ``--match-source-len`` or
-another search strategy: those stay with fairseq). The result is the one fairseq's loop gives: the same
+makes that method hand a search to :func:`beam_search` when every model of the ensemble is one of our
+encoder-decoder models (translation, summarization, speech) and the search is plain beam search (no prefix tokens,
+constraints, language-model fusion, ``--match-source-len``, sampling or another search strategy, no alignment
+printing: those, language models and models not ours stay with fairseq). The result is the one fairseq's loop gives: the same
 hypotheses in the same order with the same scores, positional scores and attention (tests/test_search.py compares
 them, ties between exactly equal scores aside, which torch's top-k orders arbitrarily in both). What differs is the
 cost of a step, which on a CPU is mostly operations over the whole vocabulary and copies of state that did not
