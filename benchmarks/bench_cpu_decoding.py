@@ -13,7 +13,10 @@ be faster by doing the same work faster.
 Rows: ``fairseq transformer`` (stock, prepared as fairseq-generate prepares it), ``ours <connection> exact``
 (our inference preparation: oneDNN-packed float32 Linear layers), ``ours b2t int8 <mode>`` (``--int8-decoding
 <mode>``), ``ctranslate2 float32`` and ``ctranslate2 int8`` (``compute_type``). Engines alternate within each
-round (A B C ... A B C ...), ratios to the stock row are taken per round and summarised as median [min–max].
+round (A B C ... A B C ..., with ``--pause`` seconds between engines), ratios to the stock row and to
+CTranslate2's int8 row are taken per round and summarised as median [min–max]. CTranslate2 runs in worker
+processes of its own: it ships its own OpenMP runtime, which beside torch's in one process slowed every torch
+engine at two threads (see CTranslate2Engine).
 
 CTranslate2 is a benchmark-only dependency: ``make bench-setup`` installs it into the venv with ``--no-deps``
 (it imports only numpy and pyyaml, which fairseq already needs); never ``make setup`` or ``make test``. Without
@@ -23,9 +26,12 @@ it the CTranslate2 rows are left out and the output says so.
     .venv/bin/python benchmarks/bench_cpu_decoding.py --layers 18 --rounds 3
 """
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +72,9 @@ def parse_cli(argv=None):
     g.add_argument("--rounds", type=int, default=5)
     g.add_argument("--warmup", type=int, default=1, help="untimed batches per engine and beam")
     g.add_argument("--threads", type=int, default=None, help="torch and CTranslate2 threads; default usable cores")
+    g.add_argument("--pause", type=float, default=0.3,
+                   help="seconds between two engines' timed batches, untimed, so that one engine's idle threads "
+                        "(OpenMP's spinning wait) are asleep when the next one starts")  # fmt: skip
     g.add_argument("--breakdown", action="store_true",
                    help="also split each fairseq engine's time per decoder step into encoder, decoder and the rest "
                         "(the search), in rounds of their own after the timed ones")  # fmt: skip
@@ -80,19 +89,14 @@ def parse_cli(argv=None):
     g.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"), help="Markdown log to add to")
     g.add_argument("--no-record", action="store_true", help="do not add the run to --results")
     args = p.parse_args(argv)
+    # looked up, not imported: CTranslate2 runs in worker processes of its own (CTranslate2Engine)
+    installed = importlib.util.find_spec("ctranslate2") is not None
     if args.ctranslate2 is None:
-        try:
-            import ctranslate2  # noqa: F401
-
-            args.ctranslate2 = True
-        except ImportError:
-            args.ctranslate2 = False
+        args.ctranslate2 = installed
+        if not installed:
             log("ctranslate2 is not installed (`make bench-setup` installs it): no CTranslate2 rows")
-    elif args.ctranslate2:
-        try:
-            import ctranslate2  # noqa: F401
-        except ImportError:
-            p.error("--ctranslate2: ctranslate2 is not installed; run `make bench-setup` first")
+    elif args.ctranslate2 and not installed:
+        p.error("--ctranslate2: ctranslate2 is not installed; run `make bench-setup` first")
     return args
 
 
@@ -178,33 +182,65 @@ class FairseqEngine:
 
 
 class CTranslate2Engine:
-    """CTranslate2's Translator on a model converted by its fairseq converter from the stock checkpoint."""
+    """CTranslate2's Translator in a worker process of its own (``--ctranslate2-worker``), fed batches through a
+    pipe. Not in this process: ctranslate2 ships its own OpenMP runtime (its own libgomp), and with two runtimes'
+    thread pools in one process every torch engine ran slower at two threads, ours most (RESULTS.md, 2026-12-07:
+    the two-thread 6L run of 06:43 UTC, CTranslate2 loaded beside torch, against the ``--no-ctranslate2`` run of
+    07:0x UTC). The caller's wall time is measured (the pipe's milliseconds included); the worker reports its CPU
+    time, so that it is not counted as another process's."""
 
     def __init__(self, name, model_dir, compute_type, cli, dictionary):
-        import ctranslate2
+        self.name, self.dictionary, self.gen_len = name, dictionary, cli.gen_len
+        self.child_cpu_s = 0.0
+        self.worker = subprocess.Popen(
+            [sys.executable, __file__, "--ctranslate2-worker", str(model_dir), compute_type, str(cli.threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
 
-        self.name = name
-        self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
-                                                 inter_threads=1, intra_threads=cli.threads)  # fmt: skip
-        self.dictionary, self.gen_len = dictionary, cli.gen_len
+    def _ask(self, request):
+        self.worker.stdin.write(json.dumps(request) + "\n")
+        self.worker.stdin.flush()
+        line = self.worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name}: the CTranslate2 worker exited (code {self.worker.poll()})")
+        answer = json.loads(line)
+        self.child_cpu_s += answer["cpu_s"]
+        return answer
 
     def decode(self, batch, beam):
         steps = self.gen_len + 1  # fairseq's L tokens + EOS are L + 1 decoder steps
-        results = self.translator.translate_batch(batch["symbols"], beam_size=beam, num_hypotheses=1,
-                                                  min_decoding_length=steps, max_decoding_length=steps,
-                                                  return_end_token=False)  # fmt: skip
-        out = [r.hypotheses[0] for r in results]
+        out = self._ask({"symbols": batch["symbols"], "beam": beam, "steps": steps})["hypotheses"]
         lengths = {len(h) for h in out}
         if lengths != {steps} or len(out) != len(batch["symbols"]):
             raise RuntimeError(f"{self.name}: expected {steps} tokens per hypothesis, got {lengths}")
         return [[self.dictionary.index(s) for s in h[: self.gen_len]] for h in out]
 
+    def close(self):
+        self.worker.stdin.close()
+        self.worker.wait(timeout=60)
+
+
+def ctranslate2_worker(model_dir, compute_type, threads):
+    """``--ctranslate2-worker``: translate the batches read from stdin (one JSON request per line), answering each
+    with the hypotheses and the CPU seconds it took, until stdin closes."""
+    import ctranslate2
+
+    translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type, inter_threads=1,
+                                        intra_threads=int(threads))  # fmt: skip
+    for line in sys.stdin:
+        request = json.loads(line)
+        c0 = time.process_time()
+        results = translator.translate_batch(request["symbols"], beam_size=request["beam"], num_hypotheses=1,
+                                             min_decoding_length=request["steps"],
+                                             max_decoding_length=request["steps"], return_end_token=False)  # fmt: skip
+        answer = {"hypotheses": [r.hypotheses[0] for r in results], "cpu_s": time.process_time() - c0}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
 
 def convert_for_ctranslate2(stock, dictionary, work):
-    """The stock model as a fairseq checkpoint plus dictionaries, converted by CTranslate2's fairseq converter
-    (float32 weights; the int8 row quantizes them when it loads, as CTranslate2 users do)."""
-    from ctranslate2.converters.fairseq import FairseqConverter
-
+    """The stock model as a fairseq checkpoint plus dictionaries, converted by CTranslate2's fairseq converter in a
+    process of its own (float32 weights; the int8 row quantizes them when it loads, as CTranslate2 users do)."""
     data = work / "data"
     data.mkdir()
     for lang in ("src", "tgt"):
@@ -213,10 +249,17 @@ def convert_for_ctranslate2(stock, dictionary, work):
     args.source_lang, args.target_lang = "src", "tgt"
     torch.save({"args": args, "model": stock.model.state_dict()}, work / "checkpoint.pt")
     out = work / "ct2"
-    converter = FairseqConverter(str(work / "checkpoint.pt"), str(data), source_lang="src", target_lang="tgt",
-                                 unsafe_deserialization=True)  # our own checkpoint, written just above
-    converter.convert(str(out))
+    subprocess.run([sys.executable, __file__, "--ctranslate2-convert", str(work / "checkpoint.pt"), str(data), str(out)],
+                   check=True)  # fmt: skip
     return out
+
+
+def ctranslate2_convert(checkpoint, data, out):
+    from ctranslate2.converters.fairseq import FairseqConverter
+
+    converter = FairseqConverter(checkpoint, data, source_lang="src", target_lang="tgt",
+                                 unsafe_deserialization=True)  # our own checkpoint, written by convert_for_ctranslate2
+    converter.convert(out)
 
 
 def state_for(connection, cli, dictionary, stock_state):
@@ -272,8 +315,6 @@ def run(cli):
                                          ["--connection", conn], dictionary, state_for(conn, cli, dictionary, state), int8=mode))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if cli.ctranslate2:
-            import ctranslate2
-
             model_dir = convert_for_ctranslate2(stock, dictionary, Path(tmp))
             for compute_type in ("float32", "int8"):
                 engines.append(CTranslate2Engine(f"ctranslate2 {compute_type}", model_dir, compute_type, cli, dictionary))
@@ -299,13 +340,13 @@ def run(cli):
             others = {e.name: [] for e in engines}
             for r in range(cli.rounds):
                 for e in engines:
-                    t0, c0, m0 = time.perf_counter(), time.process_time(), machine_busy_s()
+                    time.sleep(cli.pause)
+                    t0, c0, m0 = time.perf_counter(), _cpu_s(e), machine_busy_s()
                     for k in range(cli.batches_per_round):
                         e.decode(batches[(r * cli.batches_per_round + k) % len(batches)], beam)
                     wall = time.perf_counter() - t0
                     per[e.name].append(cli.batches_per_round * cli.batch / wall)
-                    # CTranslate2's threads are not this process's Python threads but are its CPU time all the same
-                    others[e.name].append(other_cpu_share(wall, time.process_time() - c0, m0, machine_busy_s()))
+                    others[e.name].append(other_cpu_share(wall, _cpu_s(e) - c0, m0, machine_busy_s()))
                 log(f"  beam {beam} round {r + 1}/{cli.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
             if cli.breakdown:
                 breakdowns[beam] = breakdown(cli, engines, batches, beam, per)
@@ -319,21 +360,31 @@ def run(cli):
                 for e in engines:
                     rates[beam][e.name]["vs_ctranslate2_int8_per_round"] = summary(
                         [x / y for x, y in zip(per[e.name], per[REFERENCE])])
+        for e in engines:
+            if hasattr(e, "close"):
+                e.close()
     import fairseq
 
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
         "cpu": f"{cpu_model()}, {usable_cores()} usable cores", "torch": torch.__version__,
         "fairseq": getattr(fairseq, "__version__", "?"), "threads": cli.threads,
-        "ctranslate2": __import__("ctranslate2").__version__ if cli.ctranslate2 else None,
+        "ctranslate2": importlib.metadata.version("ctranslate2") if cli.ctranslate2 else None,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "load_average_1min": [round(load_start, 2), round(load_average(), 2)],
     }  # fmt: skip
     runtime = time.perf_counter() - t_start
-    env["others_cpu_share"] = other_cpu_share(runtime, time.process_time() - cpu_start, busy_start, machine_busy_s())
+    children = os.times().children_user + os.times().children_system  # the CTranslate2 workers and converter, ended
+    env["others_cpu_share"] = other_cpu_share(runtime, time.process_time() - cpu_start + children, busy_start,
+                                              machine_busy_s())  # fmt: skip
     config = {k: v for k, v in vars(cli).items() if k not in ("json", "results", "no_record")}
     return {"environment": env, "config": config, "rates": rates, "same_tokens_as_stock": checks, "runtime_s": runtime,
             "breakdown_ms_per_step": breakdowns}
+
+
+def _cpu_s(engine):
+    """CPU seconds of this process, plus those an engine's worker process reported."""
+    return time.process_time() + getattr(engine, "child_cpu_s", 0.0)
 
 
 def breakdown(cli, engines, batches, beam, per):
@@ -415,6 +466,11 @@ def record(text, path):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--ctranslate2-worker"]:
+        return ctranslate2_worker(*argv[1:])
+    if argv[:1] == ["--ctranslate2-convert"]:
+        return ctranslate2_convert(*argv[1:])
     cli = parse_cli(argv)
     report = run(cli)
     text = markdown(report)
