@@ -1,2 +1,1 @@
-"""Faster decoding and training without other weights: packed and int8 Linear layers on the CPU, the decoder's
-key/value buffers, a beam search of our own behind fairseq's SequenceGenerator, compiled layers."""
+"""Faster decoding and training on the same weights: packed/int8 Linear, key/value buffers, our beam search."""
