@@ -196,7 +196,7 @@ def beam_search(generator, sample, bos_token=None):
         if step == 0:
             lprobs = lprobs[:, :1, :]
         else:
-            lprobs = lprobs + scores.view(bsz, beam, -1)[:, :, step - 1].unsqueeze(-1)
+            lprobs.add_(scores.view(bsz, beam, -1)[:, :, step - 1].unsqueeze(-1))
         flat = lprobs.reshape(bsz, -1)
         cand_scores, cand = top_candidates(flat, min(2 * beam, flat.size(1) - 1))
         cand_beams = torch.div(cand, vocab, rounding_mode="trunc")
