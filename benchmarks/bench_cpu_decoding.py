@@ -10,13 +10,14 @@ decoder steps; fairseq: ``min_len = max_len_b = L``, CTranslate2: ``min_decoding
 max_decoding_length = L + 1``, no end token); the script checks every hypothesis's length, so a row can only
 be faster by doing the same work faster.
 
-Rows: ``fairseq transformer`` (stock, prepared as fairseq-generate prepares it), ``ours <connection> exact``
-(our inference preparation: oneDNN-packed float32 Linear layers), ``ours b2t int8 <mode>`` (``--int8-decoding
-<mode>``), ``ctranslate2 float32`` and ``ctranslate2 int8`` (``compute_type``). Engines alternate within each
-round (A B C ... A B C ..., with ``--pause`` seconds between engines), ratios to the stock row and to
-CTranslate2's int8 row are taken per round and summarised as median [min–max]. CTranslate2 runs in worker
-processes of its own: it ships its own OpenMP runtime, which beside torch's in one process slowed every torch
-engine at two threads (see CTranslate2Engine).
+Rows: ``fairseq transformer`` (stock, prepared as fairseq-generate prepares it), ``ours <connection> exact`` (our
+inference preparation: oneDNN-packed float32 Linear layers), ``ours b2t int8 <mode>`` (``--int8-decoding <mode>``),
+``ctranslate2 float32`` and ``ctranslate2 int8`` (``compute_type``), and with ``--ctranslate2-threads`` CTranslate2
+int8 at other thread counts (on this project's 2-core VM it decoded slower at two threads than at one). Engines
+alternate within each round (A B C ... A B C ..., with ``--pause`` seconds between engines), ratios to the stock row
+and to CTranslate2's int8 row are taken per round and summarised as median [min–max]. CTranslate2 runs in worker
+processes of its own: it ships its own OpenMP runtime, which beside torch's in one process slowed every torch engine
+at two threads (see CTranslate2Engine).
 
 CTranslate2 is a benchmark-only dependency: ``make bench-setup`` installs it into the venv with ``--no-deps``
 (it imports only numpy and pyyaml, which fairseq already needs); never ``make setup`` or ``make test``. Without
@@ -84,6 +85,9 @@ def parse_cli(argv=None):
     g.add_argument("--int8-connections", nargs="+", default=["b2t"], help="the methods with --int8-decoding rows")
     g.add_argument("--ctranslate2", action=argparse.BooleanOptionalAction, default=None,
                    help="the CTranslate2 rows (default: when ctranslate2 imports)")  # fmt: skip
+    g.add_argument("--ctranslate2-threads", type=int, nargs="+", default=[], metavar="N",
+                   help="also a CTranslate2 int8 row at each of these thread counts (say 1, where it decodes faster "
+                        "at one thread than at --threads); the × CTranslate2 int8 column stays the row at --threads")  # fmt: skip
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", help="also write every number (per-round values too) as JSON")
     g.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"), help="Markdown log to add to")
@@ -97,6 +101,12 @@ def parse_cli(argv=None):
             log("ctranslate2 is not installed (`make bench-setup` installs it): no CTranslate2 rows")
     elif args.ctranslate2 and not installed:
         p.error("--ctranslate2: ctranslate2 is not installed; run `make bench-setup` first")
+    if args.ctranslate2_threads and not args.ctranslate2:
+        p.error("--ctranslate2-threads: there are no CTranslate2 rows in this run (ctranslate2 not installed, or "
+                "--no-ctranslate2); run `make bench-setup` first, or leave the option out")  # fmt: skip
+    if any(n < 1 for n in args.ctranslate2_threads):
+        p.error(f"--ctranslate2-threads {args.ctranslate2_threads}: thread counts start at 1, e.g. "
+                "--ctranslate2-threads 1")  # fmt: skip
     return args
 
 
@@ -190,11 +200,12 @@ class CTranslate2Engine:
     measured (the pipe's milliseconds included); the worker reports its CPU time, so that it is not counted as
     another process's."""
 
-    def __init__(self, name, model_dir, compute_type, cli, dictionary):
+    def __init__(self, name, model_dir, compute_type, cli, dictionary, threads=None):
         self.name, self.dictionary, self.gen_len = name, dictionary, cli.gen_len
         self.child_cpu_s = 0.0
+        threads = threads or cli.threads
         self.worker = subprocess.Popen(
-            [sys.executable, __file__, "--ctranslate2-worker", str(model_dir), compute_type, str(cli.threads)],
+            [sys.executable, __file__, "--ctranslate2-worker", str(model_dir), compute_type, str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
 
@@ -319,6 +330,9 @@ def run(cli):
             model_dir = convert_for_ctranslate2(stock, dictionary, Path(tmp))
             for compute_type in ("float32", "int8"):
                 engines.append(CTranslate2Engine(f"ctranslate2 {compute_type}", model_dir, compute_type, cli, dictionary))
+            for n in sorted(set(cli.ctranslate2_threads) - {cli.threads}):
+                engines.append(CTranslate2Engine(f"ctranslate2 int8, {n} thread{'s' * (n > 1)}", model_dir, "int8", cli,
+                                                 dictionary, threads=n))  # fmt: skip
         log(f"{len(engines)} engines, {cli.layers}L-{cli.layers}L d{cli.embed_dim}, {cli.threads} threads")
 
         # the same function of the same weights must give the same tokens
