@@ -375,6 +375,12 @@ def run(cli):
                 for e in engines:
                     rates[beam][e.name]["vs_ctranslate2_int8_per_round"] = summary(
                         [x / y for x, y in zip(per[e.name], per[REFERENCE])])
+            int8_rows = [n for n in per if n.startswith(REFERENCE)]
+            if len(int8_rows) > 1:  # --ctranslate2-threads: also against CTranslate2 int8 at its fastest, per round
+                fastest = [max(values) for values in zip(*(per[n] for n in int8_rows))]
+                for e in engines:
+                    rates[beam][e.name]["vs_fastest_ctranslate2_int8_per_round"] = summary(
+                        [x / y for x, y in zip(per[e.name], fastest)])
         for e in engines:
             if hasattr(e, "close"):
                 e.close()
@@ -441,18 +447,22 @@ def markdown(report):
              f"{cfg['batches_per_round']} batches of {cfg['batch']} sources of {cfg['src_len']} tokens, every "
              f"hypothesis forced to {cfg['gen_len']} tokens + EOS", ""]  # fmt: skip
     for beam, rows in report["rates"].items():
-        paired = REFERENCE in rows and "vs_ctranslate2_int8_per_round" in rows[REFERENCE]
+        columns = [(key, head) for key, head in (("vs_ctranslate2_int8_per_round", "× CTranslate2 int8 per round"),
+                                                 ("vs_fastest_ctranslate2_int8_per_round",
+                                                  "× fastest CTranslate2 int8 per round"))
+                   if key in rows.get(REFERENCE, {})]  # fmt: skip
         lines += [f"Beam {beam}:", "",
                   "| engine | sentences/s (median) | own min–max | × stock per round: median [min–max] | "
-                  + ("× CTranslate2 int8 per round | " if paired else "")
-                  + "first batch = stock's tokens |", "|---|---:|---:|---:|" + ("---:|" if paired else "") + "---:|"]  # fmt: skip
+                  + "".join(f"{head} | " for _, head in columns)
+                  + "first batch = stock's tokens |", "|---|---:|---:|---:|" + "---:|" * len(columns) + "---:|"]  # fmt: skip
         for name, r in rows.items():
             s, q = r["sentences_per_s"], r["ratio_per_round"]
             ratio = "1" if name == BASELINE else f"**{q['median']:.2f}** [{q['min']:.2f}–{q['max']:.2f}]"
             same = report["same_tokens_as_stock"].get(name, "–")
-            if paired:
-                c = r["vs_ctranslate2_int8_per_round"]
-                ratio += " | 1" if name == REFERENCE else f" | {c['median']:.2f} [{c['min']:.2f}–{c['max']:.2f}]"
+            for key, _ in columns:
+                c = r[key]
+                ratio += " | 1" if (name, key) == (REFERENCE, columns[0][0]) else \
+                    f" | {c['median']:.2f} [{c['min']:.2f}–{c['max']:.2f}]"
             lines.append(f"| {name} | {s['median']:.2f} | {s['min']:.2f}–{s['max']:.2f} | {ratio} | {same} |")
         lines.append("")
         parts = report.get("breakdown_ms_per_step", {}).get(beam)
