@@ -6,6 +6,8 @@ import torch
 
 import b2t_fairseq  # noqa: F401  (registers the models, installs the search)
 from b2t_fairseq.fast_paths import search
+from b2t_fairseq.modules import norms
+from b2t_fairseq.modules.norms import NORM_TYPES
 from conftest import PLUGIN_DIR, TINY_MODEL, TINY_OPTIM, build_model, run
 from test_fast_paths import _inference_cfg
 from test_layers import DIMS, batch, randomize
@@ -24,9 +26,9 @@ def test_top_candidates_equal_torchs_topk(rows, n, k):
 
 
 # ------------------------------------------------------------------------------------------ beam search
-def _model(data_dir, connection="b2t", seed=5):
+def _model(data_dir, connection="b2t", seed=5, extra=()):
     model, tk, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", connection,
-                                          "--encoder-layers", "2", "--decoder-layers", "2", *DIMS])  # fmt: skip
+                                          "--encoder-layers", "2", "--decoder-layers", "2", *DIMS, *extra])  # fmt: skip
     randomize(model, seed=seed)
     with torch.no_grad():  # EOS likelier, so that greedy and beam hypotheses end at several steps
         model.decoder.output_projection.weight[tk.target_dictionary.eos()] *= -3.5
@@ -88,6 +90,14 @@ def test_beam_search_equals_fairseqs_loop(data_dir, options):
 @pytest.mark.parametrize("connection", sorted(set(b2t_fairseq.modules.CONNECTIONS) - {"b2t"}))
 def test_beam_search_equals_fairseqs_loop_for_every_other_method(data_dir, connection):
     model, tk = _model(data_dir, connection, seed=7)
+    _assert_identical(*_both(model, tk, _sample(tk, bsz=4), beam_size=4, max_len_b=10))
+
+
+@pytest.mark.parametrize("norm_type", sorted(set(NORM_TYPES) - {"layernorm"}))
+def test_beam_search_equals_fairseqs_loop_for_every_norm_type(data_dir, norm_type):
+    model, tk = _model(data_dir, "b2t", seed=9, extra=["--norm-type", norm_type])
+    expected = {"rmsnorm": norms.RMSNorm, "dyt": norms.DynamicTanh, "derf": norms.DynamicErf}[norm_type]
+    assert any(isinstance(m, expected) for m in model.decoder.modules())  # the norm type is in use
     _assert_identical(*_both(model, tk, _sample(tk, bsz=4), beam_size=4, max_len_b=10))
 
 
