@@ -25,6 +25,31 @@ def test_top_candidates_equal_torchs_topk(rows, n, k):
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
 
 
+# ------------------------------------------------------------------------------------------ stay_in_place
+@pytest.mark.parametrize("parents, rows", [
+    ([1, 0, 0, 2], [1, 0, 3, 2]),  # the second continuation of beam 0 takes the row beam 3 left free
+    ([0, 0, 0, 0], [0, 1, 2, 3]),  # the first step: every beam continues beam 0, in the search's order
+    ([3, 2, 1, 0], [3, 2, 1, 0]),  # each beam back in its parent's row: nothing moves
+    ([2, 2, 3, 3], [1, 3, 0, 2]),  # two continuations each of beams 2 and 3: rows 0 and 1 take the second ones
+    ([0, 1, 2, 3], [0, 1, 2, 3]),
+])  # fmt: skip
+def test_stay_in_place_gives_each_row_its_beam(parents, rows):
+    assert search.stay_in_place(torch.tensor([parents])).tolist() == [rows]
+
+
+def test_stay_in_place_moves_only_the_rows_it_must():
+    g = torch.Generator().manual_seed(3)
+    for beam in (1, 2, 4, 5, 8):
+        parents = torch.randint(0, beam, (200, beam), generator=g)
+        order = search.stay_in_place(parents)
+        assert torch.equal(order.sort(dim=1).values, torch.arange(beam).expand(200, beam))  # a permutation per row
+        after = parents.gather(1, order)  # the parent of the beam each row takes
+        assert torch.equal(after.sort(dim=1).values, parents.sort(dim=1).values)  # the same beams
+        for p, a in zip(parents.tolist(), after.tolist()):
+            assert set(p) <= {r for r in range(beam) if a[r] == r}  # every parent keeps a continuation in its row
+            assert sum(a[r] != r for r in range(beam)) == beam - len(set(p))  # the fewest rows that must move
+
+
 # ------------------------------------------------------------------------------------------ beam search
 def _model(data_dir, connection="b2t", seed=5, extra=()):
     model, tk, _ = build_model(data_dir, ["--arch", "transformer_b2t", "--connection", connection,
@@ -76,11 +101,16 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_beam_search_equals_fairseqs_loop(data_dir, options):
+def test_beam_search_equals_fairseqs_loop(data_dir, options, monkeypatch):
     model, tk = _model(data_dir)
     sample = _sample(tk)
+    placed = []  # the steps where beams kept their parents' rows against the search's order
+    stay_in_place = search.stay_in_place
+    monkeypatch.setattr(search, "stay_in_place", lambda parents: placed.append(stay_in_place(parents)) or placed[-1])
     theirs, ours = _both(model, tk, sample, **options)
     _assert_identical(theirs, ours)
+    if options["beam_size"] > 2:
+        assert any(not torch.equal(o, torch.arange(o.size(1)).expand_as(o)) for o in placed)
     beam = min(options["beam_size"], len(tk.target_dictionary) - 1)
     assert all(len(sent) == beam for sent in ours)
     lengths = {len(h["tokens"]) for sent in ours for h in sent}

@@ -14,7 +14,9 @@ change (benchmarks/bench_cpu_decoding.py ``--breakdown``: "rest"):
   chunks: the chunks' maxima first, then the elements of the best chunks) instead of a top-k over all of it;
 * non-finite log-probabilities become -inf with one ``nan_to_num_`` instead of a comparison and a masked write;
 * the beams' tokens, scores and attention, the decoder's saved state and the encoder output are reordered only when
-  the order changed (never at beam 1 until a sentence ends).
+  the order changed (never at beam 1 until a sentence ends);
+* a beam continuing its parent stays in its parent's row (:func:`stay_in_place`), so fewer rows of the decoder's
+  saved keys and values are copied when the beams change places.
 
 ``B2T_FAST_SEARCH=off`` (0/false/no) leaves every search to fairseq.
 """
@@ -139,6 +141,25 @@ class _Hypotheses:
         return self.found
 
 
+def stay_in_place(parents: Tensor) -> Tensor:
+    """Where each sentence's next beams go: ``parents`` (sentences x beam) holds the beam each continues, in the
+    search's order; returns, per sentence and row, which of them that row takes. A beam stays in its parent's row
+    where it is that parent's first continuation, so the decoder's saved keys and values move only for the others,
+    which take the rows left free in order. The beams of a sentence are the same set in another order: every
+    step's numbers are per row (int8 products are exact integer sums, norms and attention are per row), so the
+    hypotheses found are fairseq's (tests/test_search.py)."""
+    bsz, beam = parents.shape
+    index = torch.arange(beam, device=parents.device)
+    earlier_sibling = (parents.unsqueeze(2) == parents.unsqueeze(1)) & (index.unsqueeze(1) > index.unsqueeze(0))
+    first = ~earlier_sibling.any(2)
+    kept = torch.zeros(bsz, beam + 1, dtype=torch.bool, device=parents.device)
+    kept.scatter_(1, torch.where(first, parents, beam), True)
+    free = torch.sort(torch.where(kept[:, :beam], beam, index), dim=1).values  # free rows first, ascending
+    rank = (torch.cumsum((~first).to(torch.long), dim=1) - 1).clamp(min=0)
+    row = torch.where(first, parents, free.gather(1, rank))
+    return torch.empty_like(row).scatter_(1, row, index.expand(bsz, beam))
+
+
 def _log_probs(generator, lprobs, step, max_len):
     """fairseq's rules for a step's log-probabilities, in place: non-finite -> -inf, never pad, the unk penalty,
     only EOS at the last step, no EOS before ``min_len``, suppressed tokens."""
@@ -233,6 +254,8 @@ def beam_search(generator, sample, bos_token=None):
 
         # each sentence continues with its first beam candidates that do not end (stable: in candidate order)
         active = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beam]
+        if beam > 1:
+            active = active.gather(1, stay_in_place(cand_beams.gather(1, active)))
         chosen_beams = cand_beams.gather(1, active)
         rows = (chosen_beams + offsets).view(-1)
         if done or not torch.equal(rows, torch.arange(bsz * beam, device=device)):
