@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The two operator-level facts the CPU decoding fast paths rest on, measured in one process (microseconds per call,
+"""The operator-level facts the CPU decoding fast paths rest on, measured in one process (microseconds per call,
 median of alternating rounds):
 
 1. int8 products: torch's dynamic int8 Linear operator called from Python (``torch.ops.quantized.linear_dynamic``,
@@ -10,6 +10,9 @@ median of alternating rounds):
    over keys and values held contiguously (fairseq's layout), as a view of a step-major buffer
    (``kv_cache._one_step_longer``'s layout) and as a view of a rows x heads x capacity x head_dim buffer (the
    layout tried before). Same numbers in every layout (checked).
+3. a beam reordering's copy of saved rows (``kv_cache.move_rows``): the history of a third of the rows replaced by
+   other rows', with torch's index_select and index_copy_ on float32 elements and on the same bytes viewed as
+   16-byte elements (what move_rows does). Same bytes (checked).
 
     .venv/bin/python benchmarks/bench_decoding_ops.py --threads 1
 """
@@ -114,6 +117,36 @@ def attention_rows(cli):
 LAYERS = 12
 
 
+def reorder_rows(cli):
+    """Each call reorders the next of ``LAYERS`` layers' step-major buffers, as a decoder step does."""
+    from b2t_fairseq.fast_paths.kv_cache import move_rows
+
+    rows = []
+    heads, head_dim, capacity = 8, 64, 32
+    for batch in (16, 64):
+        moved = torch.arange(0, batch, 3)
+        taken = moved.flip(0)
+        for steps in (8, 24):
+            rooms = {name: [torch.randn(capacity, batch, heads, head_dim, generator=torch.Generator().manual_seed(i))
+                            for i in range(LAYERS)] for name in ("float32", "16-byte")}  # fmt: skip
+
+            def plain(front):
+                front.index_copy_(1, moved, front.index_select(1, taken))
+
+            plain(rooms["float32"][0][:steps]), move_rows(rooms["16-byte"][0][:steps], moved, taken)
+            if not torch.equal(rooms["float32"][0], rooms["16-byte"][0]):
+                raise RuntimeError("move_rows moved other bytes than index_select and index_copy_")
+
+            def cycling(name, fn):
+                turn = iter(range(10**9))
+                return lambda: fn(rooms[name][next(turn) % LAYERS][:steps])
+
+            t = alternate({"float32": cycling("float32", plain), "16-byte": cycling("16-byte",
+                          lambda f: move_rows(f, moved, taken))}, cli.rounds, cli.calls)  # fmt: skip
+            rows.append((f"{len(moved)} of {batch} rows, {steps} steps", t["float32"], t["16-byte"]))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads; default usable cores")
@@ -128,6 +161,8 @@ def main(argv=None):
     int8 = int8_rows(cli)
     log("attention over saved keys")
     attention = attention_rows(cli)
+    log("a beam reordering's copy of saved rows")
+    reorder = reorder_rows(cli)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"\n## Decoding operators — {date} — commit {git_commit()}\n",
              f"- machine: {cpu_model()}, {usable_cores()} usable cores; torch {torch.__version__}; {cli.threads} threads",
@@ -140,6 +175,10 @@ def main(argv=None):
               "keys and values; same numbers):", "",
               "| keys | contiguous | step-major buffer view | rows-major buffer view |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {a:.1f} | {b:.1f} | {c:.1f} |" for n, a, b, c in attention]
+    lines += ["", f"A beam reordering's copy of saved rows (kv_cache.move_rows), µs per call (8 heads of 64, cycling over "
+              f"{LAYERS} layers' buffers; same bytes):", "",
+              "| rows moved | float32 elements | 16-byte elements (move_rows) |", "|---|---:|---:|"]
+    lines += [f"| {n} | {a:.1f} | {b:.1f} |" for n, a, b in reorder]
     text = "\n".join(lines) + "\n"
     print(text)
     if not cli.no_record:

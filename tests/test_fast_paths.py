@@ -276,6 +276,20 @@ def test_cached_self_attention_follows_fairseqs_through_reorders_shrinking_and_f
     assert new_buffer == [10, FIRST_ROOM, 35, 40] and rooms[40:] == [None] * 5, new_buffer
 
 
+@pytest.mark.parametrize("head_dim", [64, 4, 6, 3])  # rows of 16-byte elements (64, 4), and rows that are not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_move_rows_copies_the_rows_an_order_changes(head_dim, dtype):
+    from b2t_fairseq.fast_paths.kv_cache import move_rows
+
+    room = torch.randn(32, 20, 4, head_dim, generator=torch.Generator().manual_seed(head_dim)).to(dtype)
+    moved, taken = torch.tensor([1, 5, 7, 12]), torch.tensor([5, 1, 1, 19])  # a swap, a copy, a row from the end
+    expected = room.clone()
+    for r, t in zip(moved.tolist(), taken.tolist()):
+        expected[:9, r] = room[:9, t]
+    move_rows(room[:9], moved, taken)
+    assert torch.equal(room, expected)
+
+
 @pytest.mark.parametrize("beam, padded", [(4, True), (1, True), (4, False)])
 def test_shared_cross_attention_equals_fairseqs_beam_shared_path(beam, padded):
     """The steps after the first of a beam-shared cross-attention (kv_cache.SharedCrossAttention) against
