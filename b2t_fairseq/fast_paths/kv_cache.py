@@ -150,7 +150,7 @@ def move_rows(front: Tensor, moved: Tensor, taken: Tensor):
     """``front[:, moved] = front[:, taken]`` (steps x rows x heads x head_dim), in place. The bytes are moved as
     16-byte elements where a row of head_dim allows it: torch's CPU index kernels copy those about twice as fast as
     float32 elements (benchmarks/bench_decoding_ops.py, RESULTS.md); the same bytes either way."""
-    if front.stride(-1) == 1 and (front.size(-1) * front.element_size()) % 16 == 0 and front.dtype != torch.complex128:
+    if front.stride(-1) == 1 and (front.size(-1) * front.element_size()) % 16 == 0:
         front = front.view(torch.complex128)
     front.index_copy_(1, moved, front.index_select(1, taken))
 

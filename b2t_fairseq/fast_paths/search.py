@@ -145,9 +145,10 @@ def stay_in_place(parents: Tensor) -> Tensor:
     """Where each sentence's next beams go: ``parents`` (sentences x beam) holds the beam each continues, in the
     search's order; returns, per sentence and row, which of them that row takes. A beam stays in its parent's row
     where it is that parent's first continuation, so the decoder's saved keys and values move only for the others,
-    which take the rows left free in order. The beams of a sentence are the same set in another order: every
-    step's numbers are per row (int8 products are exact integer sums, norms and attention are per row), so the
-    hypotheses found are fairseq's (tests/test_search.py)."""
+    which take the rows left free in order. The beams of a sentence are the same set in another order, and a
+    step's numbers for a row do not depend on where the row sits (int8 products are exact integer sums; norms,
+    attention and the float products give each row the same sums wherever it is, which tests/test_search.py checks
+    bitwise against fairseq's loop for every method, norm type, int8 and ensembles), so the hypotheses are fairseq's."""
     bsz, beam = parents.shape
     index = torch.arange(beam, device=parents.device)
     earlier_sibling = (parents.unsqueeze(2) == parents.unsqueeze(1)) & (index.unsqueeze(1) > index.unsqueeze(0))
