@@ -17,6 +17,9 @@ Stages (each skips what it already finished, so a rerun after an interruption co
   grad-norms  per-layer gradient norms at initialization, 6L and 18L, widths 512 and 128, every method,
               several seeds (b2t-grad-norms); figure + lowest/highest layer ratio table
   report      loss-curve figure (b2t-loss-curves), docs/stability/results.json and the tables of the docs page
+  base18      (only when named; issue 23) 18L-18L at transformer_wmt_en_de width, fp16 on a GPU, the paper's lr and
+              warmup (configs/study/wmt_sample_18l_base.yaml): Post-LN, Pre-LN and B2T side by side for --minutes of
+              training each, loss curves only (benchmarks/gpu/run.sh runs it last); --smoke checks it on a CPU
 
 --gpu trains and decodes on the GPU (same flags otherwise, fp32); --jobs runs that many trainings at once
 (one GPU is shared; on a 2-core CPU keep 1); --deadline-minutes starts no new run after that many minutes.
@@ -53,6 +56,7 @@ CONFIGS = REPO / "configs" / "study"
 DOCS = REPO / "docs" / "stability"
 METHODS = tuple(CONNECTIONS)
 STAGES = ("data", "train", "deep100", "grad-norms", "report")
+GPU_STAGES = ("base18",)  # only when asked for: 18L at base width needs a GPU (or --smoke, to check it on a CPU)
 
 
 class StudyError(Exception):
@@ -225,6 +229,114 @@ def stage_deep100(work, methods, runner):
     return runner.map(lambda m: deep_one(work, data_bin, m, config, runner), list(methods))
 
 
+# ------------------------------------------------------------------ base18
+BASE18 = "wmt_sample_18l_base.yaml"
+
+
+def base18_name(method, smoke):
+    """A base18 run's directory: ``18lbase-b2t``; a --smoke run's ``18lsmoke-b2t``, so that a check of the script
+    never stands in for a result."""
+    return f"18l{'smoke' if smoke else 'base'}-{method}"
+
+
+def base18_config():
+    """configs/study/wmt_sample_18l_base.yaml with the train flags it names (``from_wmt_recipe``), the
+    method_overrides and the GPU flags (``gpu``: fp16) taken from the WMT recipe's base.yaml, where the paper's
+    optimiser is written."""
+    config = _config(BASE18)
+    recipe = yaml.safe_load((REPO / "configs" / "wmt_en_de" / "base.yaml").read_text())
+    config["train"] = {**{k: recipe["train"][k] for k in config["from_wmt_recipe"]}, **config["train"]}
+    config["method_overrides"] = recipe.get("method_overrides") or {}
+    config["gpu"] = recipe.get("gpu_train") or {}  # fp16
+    return config
+
+
+def base18_options(config, method, runner, minutes, smoke):
+    """The config's train flags for ``method``, the GPU's (fp16) or, with ``smoke``, the CPU check's on top, and
+    ``stop-time-hours`` for ``minutes`` of training."""
+    options = runner.train_options(config, method)
+    options.update(config["smoke"] if smoke else config["gpu"] if runner.gpu else {})
+    options["stop-time-hours"] = round(minutes / 60, 6)
+    return options
+
+
+def base18_one(work, data_bin, method, options, runner, smoke):
+    run = work / base18_name(method, smoke)
+    done = run / "study.json"
+    if done.is_file():  # finished: kept, unless its flags differ from these (its length, --minutes, may)
+        record = json.loads(done.read_text())
+        if _without_length(record.get("options")) != _without_length(options):
+            raise StudyError(f"{done} records a run with other flags than this one's; to train it again with these, "
+                             f"delete {run} (or pass another --work)")  # fmt: skip
+        return record
+    run.mkdir(parents=True, exist_ok=True)
+    log = _start_log(run)  # no checkpoints are saved: an interrupted run's log is moved aside, the run starts afresh
+    started = datetime.datetime.now()
+    failed = None
+    try:
+        pipeline.train(run, data_bin, options, ["--connection", method, "--seed", "1"], log=log)
+    except pipeline.PipelineError as e:  # a diverging run is a result
+        failed = str(e)
+    record = _curve_record(run, method)
+    record.update(failed=failed, interrupted=False, device="gpu" if runner.gpu and not smoke else "cpu",
+                  train_minutes=round((datetime.datetime.now() - started).total_seconds() / 60, 1), options=options)
+    atomic.write_text(done, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _without_length(options):
+    return {k: v for k, v in (options or {}).items() if k != "stop-time-hours"}
+
+
+def _curve_record(run, method):
+    """What a run's training log shows: updates, first and last train loss, whether every loss is finite, the
+    validation losses by update."""
+    train_pts, valid_pts = _train_points(run / "train.log")
+    losses = [v for _, v in train_pts]
+    return {"method": method, "updates": train_pts[-1][0] if train_pts else 0,
+            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "all_finite": bool(losses) and all(map(_finite, losses)),
+            "best_valid_loss": min((v for _, v in valid_pts), default=None), "valid": valid_pts,
+            "log": str(run / "train.log")}  # fmt: skip
+
+
+def stage_base18(work, methods, runner, minutes, smoke=False, data_bin=None):
+    """``data_bin``: another binarized corpus than the WMT sample's (the CPU check of benchmarks/gpu/run.sh trains
+    on its toy corpus)."""
+    if not (runner.gpu or smoke):
+        raise StudyError("the base18 stage trains 18L-18L models at base width: pass --gpu on a GPU machine, or "
+                         "--smoke to check the stage on a CPU")  # fmt: skip
+    if data_bin is None:
+        data_bin, _ = stage_data(work)
+    elif not any(Path(data_bin).glob("dict.*.txt")):
+        raise StudyError(f"--data-bin {data_bin}: no fairseq dictionary there; pass a fairseq-preprocess output folder")
+    config = base18_config()
+    methods = [m for m in methods if m in config["methods"]] or list(config["methods"])
+    runner = Runner(gpu=runner.gpu and not smoke, jobs=len(methods) if runner.gpu and not smoke else 1,
+                    deadline=runner.deadline)  # side by side on the GPU  # fmt: skip
+    return runner.map(lambda m: base18_one(work, data_bin, m, base18_options(config, m, runner, minutes, smoke),
+                                           runner, smoke), methods)  # fmt: skip
+
+
+def base18_records(work, smoke=False):
+    """The base18 runs' records, in the config's order; a run stopped before it wrote study.json (the device's
+    time ran out) from its log, marked ``interrupted``."""
+    order = list(_config(BASE18)["methods"])
+    out = []
+    for method in order:
+        run = work / base18_name(method, smoke)
+        if (run / "study.json").is_file():
+            record = json.loads((run / "study.json").read_text())
+            record["log"] = str(run / "train.log")
+        elif (run / "train.log").is_file():
+            record = dict(_curve_record(run, method), failed=None, interrupted=True, train_minutes=None,
+                          device="gpu" if "CUDA enviroments" in (run / "train.log").read_text(errors="replace") else "cpu")
+        else:
+            continue
+        out.append(record)
+    return out
+
+
 # ------------------------------------------------------------------ grad-norms
 GRAD_SETTINGS = {  # name: (layers, embed, ffn, heads, extra model flags)
     "6L-d512": (6, 512, 2048, 8, []),
@@ -342,8 +454,16 @@ def _interrupted_record(run):
             "valid": valid_pts, "log": str(log)}  # fmt: skip
 
 
-def stage_report(work, methods, seeds, docs=DOCS, norm_types=("layernorm",)):
+def stage_report(work, methods, seeds, docs=DOCS, norm_types=("layernorm",), smoke=False):
     docs.mkdir(parents=True, exist_ok=True)
+    base = base18_records(work, smoke)
+    if base:
+        pipeline._run(pipeline._python_m("b2t_fairseq.analysis.loss_curves",
+                                         *sum((["--run", f"{r['method']}={r['log']}"] for r in base), []),
+                                         "--out-png", docs / "loss_curves_18l_base.png",
+                                         "--out-csv", docs / "loss_curves_18l_base.csv", "--title",
+                                         "--smoke check: 2 layers at width 32 (not a result)" if smoke else
+                                         "18L-18L, transformer_wmt_en_de width, real WMT sample (10k pairs)"))  # fmt: skip
     runs = [r for r in _records(work, "18l-*") if r["method"] in methods and str(r["seed"]) in map(str, seeds)
             and r.get("norm_type", "layernorm") in norm_types]  # fmt: skip
     runs.sort(key=_order)
@@ -365,6 +485,7 @@ def stage_report(work, methods, seeds, docs=DOCS, norm_types=("layernorm",)):
         "train_18l": [{k: v for k, v in r.items() if k not in ("log", "checkpoint")} for r in runs],
         "deep100": [{k: v for k, v in r.items() if k != "log"} for r in deep],
         "grad_norm_ratios": grad_ratio_table(produced),
+        "base18": [{k: v for k, v in r.items() if k != "log"} for r in base],
     }
     atomic.write_text(docs / "results.json", json.dumps(results, indent=2) + "\n")
     atomic.write_text(docs / "tables.md", render_tables(results))
@@ -413,6 +534,18 @@ def render_tables(results):
                          f"{_num(d['last_train_loss'])} | {d['all_finite']}{status} | {valid} | "
                          f"{d.get('device', 'cpu')} | {_num(d['train_minutes'], '{}')} |")  # fmt: skip
         lines.append("")
+    if results.get("base18"):
+        lines += ["### 18L-18L at transformer_wmt_en_de width on the WMT sample (configs/study/wmt_sample_18l_base.yaml)",
+                  "", "| Method | Updates | First train loss | Last train loss | All finite | Best valid loss | "
+                  "Valid loss by update | Device | Min |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["base18"]:
+            valid = ", ".join(f"{u}: {v:.3f}" for u, v in r["valid"]) or "–"
+            status = ("" if not r.get("failed") else f" FAILED: {r['failed']}") + (
+                " (stopped early: out of time)" if r.get("interrupted") else "")
+            lines.append(f"| {r['method']} | {r['updates']} | {_num(r['first_train_loss'])} | "
+                         f"{_num(r['last_train_loss'])} | {r['all_finite']}{status} | {_num(r['best_valid_loss'])} | "
+                         f"{valid} | {r.get('device', 'cpu')} | {_num(r.get('train_minutes'), '{}')} |")  # fmt: skip
+        lines.append("")
     if results["grad_norm_ratios"]:
         lines += ["### Gradient norms at initialization: lowest layer / highest layer (parameter gradients)", "",
                   "| Setting | Connection | Stack | Ratio (mean over seeds) | min | max | Seeds |",
@@ -432,7 +565,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("study-out"), help="checkpoints, logs, data-bin")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=STAGES + GPU_STAGES, default=list(STAGES),
+                        help="default: every stage but base18 (which needs --gpu or --smoke)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", default=["1"], help="training seeds (train stage)")
     parser.add_argument("--norm-types", nargs="+", choices=NORM_TYPES, default=["layernorm"],
@@ -445,9 +579,17 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (train, deep100); 1 on a 2-core CPU")
     parser.add_argument("--deadline-minutes", type=float, help="start no run after this many minutes")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the report writes (default docs/stability)")
+    parser.add_argument("--minutes", type=float, default=4.0,
+                        help="base18: minutes of training per run (fairseq's --stop-time-hours); the runs go side by side")
+    parser.add_argument("--data-bin", type=Path,
+                        help="base18: train on this fairseq-preprocess folder instead of the WMT sample's data-bin")
+    parser.add_argument("--smoke", action="store_true",
+                        help="base18 and its report: tiny models on the CPU, runs named 18lsmoke-*, to check the stage")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if not args.minutes > 0:
+        parser.error(f"--minutes must be above 0 (got {args.minutes})")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: more threads spin against each other
     deadline = None if args.deadline_minutes is None else time.monotonic() + 60 * args.deadline_minutes
     runner = Runner(gpu=args.gpu, jobs=args.jobs, deadline=deadline)
@@ -464,8 +606,11 @@ def main(argv=None):
         if "deep100" in args.stages:
             for r in stage_deep100(args.work, args.methods, runner):
                 print(json.dumps(r), flush=True)
+        if "base18" in args.stages:
+            for r in stage_base18(args.work, args.methods, runner, args.minutes, args.smoke, args.data_bin):
+                print(json.dumps(r), flush=True)
         if "report" in args.stages:
-            stage_report(args.work, args.methods, args.seeds, args.docs, args.norm_types)
+            stage_report(args.work, args.methods, args.seeds, args.docs, args.norm_types, args.smoke)
     except (StudyError, pipeline.PipelineError) as e:
         parser.exit(1, f"stability_study: error: {e}\n")
 
