@@ -47,10 +47,12 @@ until_() { local s=$(($1 - SECONDS)); echo $((s > 1 ? s : 1)); }  # seconds from
 
 if [ "$mode" = gpu ]; then
   export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
-  if ! "$py" -c "import fairseq" 2> /dev/null; then  # the device's image has no fairseq: install the kit
-    [ -d .whl ] || { echo "fairseq does not import and there is no .whl/: run 'bash benchmarks/gpu/run.sh prepare' here and carry .whl" >&2; exit 2; }
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 2
+  if ! "$py" -c "import fairseq" 2> /dev/null; then  # the device's image has no fairseq: the kit, installed once
     export PYTHONPATH=$PWD/.site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+    if ! "$py" -c "import fairseq" 2> /dev/null; then
+      [ -d .whl ] || { echo "fairseq does not import and there is no .whl/: run 'bash benchmarks/gpu/run.sh prepare' here and carry .whl" >&2; exit 2; }
+      "$py" -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 2
+    fi
   fi
 fi
 {
