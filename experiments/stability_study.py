@@ -19,7 +19,8 @@ Stages (each skips what it already finished, so a rerun after an interruption co
   report      loss-curve figure (b2t-loss-curves), docs/stability/results.json and the tables of the docs page
   base18      (only when named; issue 23) 18L-18L at transformer_wmt_en_de width, fp16 on a GPU, the paper's lr and
               warmup (configs/study/wmt_sample_18l_base.yaml): Post-LN, Pre-LN and B2T side by side for --minutes of
-              training each, loss curves only (benchmarks/gpu/run.sh runs it last); --smoke checks it on a CPU
+              training each, loss curves only (benchmarks/gpu/run.sh runs it last); --smoke checks it on a CPU.
+              Its runs save no checkpoint (minutes long; ~1.5 GB each): an interrupted one starts afresh
 
 --gpu trains and decodes on the GPU (same flags otherwise, fp32); --jobs runs that many trainings at once
 (one GPU is shared; on a 2-core CPU keep 1); --deadline-minutes starts no new run after that many minutes.
@@ -127,6 +128,23 @@ def _train_points(log):
                  for split in ("train_inner", "valid"))  # fmt: skip
 
 
+def _curve_record(run, method):
+    """What a run's training log shows: updates, first and last train loss, whether every loss is finite, the
+    validation losses by update."""
+    train_pts, valid_pts = _train_points(run / "train.log")
+    losses = [v for _, v in train_pts]
+    return {"method": method, "updates": train_pts[-1][0] if train_pts else 0,
+            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "all_finite": bool(losses) and all(map(_finite, losses)),
+            "best_valid_loss": min((v for _, v in valid_pts), default=None), "valid": valid_pts,
+            "log": str(run / "train.log")}  # fmt: skip
+
+
+def _device_of_log(log):
+    """Where a fairseq-train log's run trained: fairseq logs its CUDA environment only on a GPU."""
+    return "gpu" if "CUDA enviroments" in Path(log).read_text(encoding="utf-8", errors="replace") else "cpu"
+
+
 def _finite(x):
     return x is not None and math.isfinite(x)
 
@@ -212,13 +230,8 @@ def deep_one(work, data_bin, method, config, runner):
         pipeline.train(run, data_bin, runner.train_options(config, method), flags, log=log)
     except pipeline.PipelineError as e:
         failed = str(e)
-    train_pts, valid_pts = _train_points(run / "train.log")
-    losses = [v for _, v in train_pts]
-    result = {"method": method, "layers": 100, "device": "gpu" if runner.gpu else "cpu", "failed": failed, "updates": train_pts[-1][0] if train_pts else 0,
-              "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
-              "all_finite": bool(losses) and all(map(_finite, losses)),
-              "valid": valid_pts, "train_minutes": round((datetime.datetime.now() - started).total_seconds() / 60, 1),
-              "log": str(run / "train.log")}  # fmt: skip
+    result = dict(_curve_record(run, method), layers=100, device="gpu" if runner.gpu else "cpu", failed=failed,
+                  train_minutes=round((datetime.datetime.now() - started).total_seconds() / 60, 1))
     atomic.write_text(done, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -288,18 +301,6 @@ def _without_length(options):
     return {k: v for k, v in (options or {}).items() if k != "stop-time-hours"}
 
 
-def _curve_record(run, method):
-    """What a run's training log shows: updates, first and last train loss, whether every loss is finite, the
-    validation losses by update."""
-    train_pts, valid_pts = _train_points(run / "train.log")
-    losses = [v for _, v in train_pts]
-    return {"method": method, "updates": train_pts[-1][0] if train_pts else 0,
-            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
-            "all_finite": bool(losses) and all(map(_finite, losses)),
-            "best_valid_loss": min((v for _, v in valid_pts), default=None), "valid": valid_pts,
-            "log": str(run / "train.log")}  # fmt: skip
-
-
 def stage_base18(work, methods, runner, minutes, smoke=False, data_bin=None):
     """``data_bin``: another binarized corpus than the WMT sample's (the CPU check of benchmarks/gpu/run.sh trains
     on its toy corpus)."""
@@ -330,7 +331,7 @@ def base18_records(work, smoke=False):
             record["log"] = str(run / "train.log")
         elif (run / "train.log").is_file():
             record = dict(_curve_record(run, method), failed=None, interrupted=True, train_minutes=None,
-                          device="gpu" if "CUDA enviroments" in (run / "train.log").read_text(errors="replace") else "cpu")
+                          device=_device_of_log(run / "train.log"))
         else:
             continue
         out.append(record)
@@ -436,22 +437,15 @@ def _records(work, pattern):
 def _interrupted_record(run):
     """A run's record from its training log alone (its process was stopped before the study recorded it)."""
     log = run / "train.log"
-    text = log.read_text(encoding="utf-8", errors="replace")
-    train_pts, valid_pts = _train_points(log)
-    losses = [v for _, v in train_pts]
     kind, _, rest = run.name.partition("-")
     name, _, seed = rest.rpartition("-seed") if kind == "18l" else (rest, "", "1")
     method, _, norm_type = name.partition(".")
-    return {"method": method, "norm_type": norm_type or "layernorm", "seed": seed, "layers": 100 if kind == "100l" else 18,
-            "device": "gpu" if "CUDA enviroments" in text else "cpu",
-            "failed": None, "interrupted": True, "train_minutes": None,
-            "updates": train_pts[-1][0] if train_pts else 0,
-            "final_train_loss": losses[-1] if losses else None,
-            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
-            "all_finite": bool(losses) and all(map(_finite, losses)),
-            "final_valid_loss": valid_pts[-1][1] if valid_pts else None,
-            "best_valid_loss": min((v for _, v in valid_pts), default=None),
-            "valid": valid_pts, "log": str(log)}  # fmt: skip
+    record = _curve_record(run, method)
+    record.update(norm_type=norm_type or "layernorm", seed=seed, layers=100 if kind == "100l" else 18,
+                  device=_device_of_log(log), failed=None, interrupted=True, train_minutes=None,
+                  final_train_loss=record["last_train_loss"],
+                  final_valid_loss=record["valid"][-1][1] if record["valid"] else None)
+    return record
 
 
 def stage_report(work, methods, seeds, docs=DOCS, norm_types=("layernorm",), smoke=False):
