@@ -569,7 +569,7 @@ def main(argv=None):
     parser.add_argument("--grad-batches", type=int, default=2, help="batches averaged per gradient-norm measurement")
     parser.add_argument("--grad-max-tokens", type=int, default=1024, help="tokens per gradient-norm batch")
     parser.add_argument("--grad-settings", nargs="+", choices=list(GRAD_SETTINGS), default=list(GRAD_SETTINGS))
-    parser.add_argument("--gpu", action="store_true", help="train and decode on the GPU (fp32, same flags)")
+    parser.add_argument("--gpu", action="store_true", help="train and decode on the GPU (train, deep100: fp32, same flags; base18: the WMT recipe's fp16)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (train, deep100); 1 on a 2-core CPU")
     parser.add_argument("--deadline-minutes", type=float, help="start no run after this many minutes")
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the report writes (default docs/stability)")
